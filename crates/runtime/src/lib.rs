@@ -1,0 +1,16 @@
+//! What every Breakwater process shares.
+//!
+//! - [`telemetry`]: tracing subscriber set-up (pretty or JSON lines).
+//! - [`shutdown`]: SIGINT/SIGTERM turned into one root [`CancellationToken`].
+//! - [`serve`]: serve an axum `Router` on a listener until the token fires, then drain.
+//! - [`clock`]: wall-clock timestamps in the formats the contracts use.
+//! - [`http`]: JSON errors, a JSON extractor whose rejections are JSON, and the 404/405
+//!   fallbacks every component shares.
+
+pub mod clock;
+pub mod http;
+pub mod serve;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use tokio_util::sync::CancellationToken;
