@@ -1,0 +1,270 @@
+//! The registry server: the HTTP API of the contract ([`app`]), the reaper that removes
+//! each instance at its expiry deadline ([`reap`]), and [`run`], which serves both until
+//! shutdown.
+
+mod dashboard;
+mod request;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::response::Html;
+use axum::routing::{delete, get, post};
+use breakwater_runtime::CancellationToken;
+use breakwater_runtime::clock::{iso8601_now, now_millis};
+use breakwater_runtime::http::{ApiError, Json, Path, method_not_allowed, not_found};
+use breakwater_runtime::serve::{DEFAULT_DRAIN, serve};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::store::{MemoryStore, Recorded, RemoveError};
+use crate::wire::{HeartbeatResponse, Instance, RegisterResponse, RemovedResponse, ServiceList};
+use request::{RawRegistration, normalise_host, normalise_ip};
+
+/// What the handlers share: the instance table, the reaper's wake-up signal and the
+/// start time. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RegistryState {
+    store: Arc<MemoryStore>,
+    /// Signalled when a deadline earlier than the one the reaper sleeps towards appears.
+    sooner_deadline: Arc<Notify>,
+    started: Instant,
+}
+
+impl Default for RegistryState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RegistryState {
+    /// An empty registry started now.
+    pub fn new() -> Self {
+        Self {
+            store: Arc::new(MemoryStore::new()),
+            sooner_deadline: Arc::new(Notify::new()),
+            started: Instant::now(),
+        }
+    }
+
+    /// The instance table.
+    pub fn store(&self) -> &MemoryStore {
+        &self.store
+    }
+
+    fn recorded(&self, rec: &Recorded) {
+        if rec.earliest_deadline {
+            self.sooner_deadline.notify_one();
+        }
+    }
+}
+
+/// The registry's routes (see CONTRACTS.md, "Registry").
+pub fn app(state: RegistryState) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/health", get(health))
+        .route("/register", post(register))
+        .route("/heartbeat", post(heartbeat))
+        .route("/services", get(all_services))
+        .route("/services/{name}", get(services))
+        .route("/services/{name}/{port}", delete(remove))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves a fresh registry on `listener` until `shutdown` fires, with its reaper
+/// running alongside; returns once both have stopped.
+pub async fn run(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    let state = RegistryState::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "registry listening");
+    }
+    let reaper_stop = shutdown.child_token();
+    let reaper = tokio::spawn(reap(state.clone(), reaper_stop.clone()));
+    let served = serve(listener, app(state), shutdown, DEFAULT_DRAIN).await;
+    reaper_stop.cancel();
+    if let Err(err) = reaper.await {
+        tracing::error!(error = %err, "registry reaper failed");
+    }
+    served
+}
+
+/// Timer granularity: an instance is alive at exactly its deadline, so the reaper wakes
+/// one tick after it.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Removes every instance at its expiry deadline until `shutdown` fires: sleeps until
+/// the earliest deadline, and starts over whenever a sooner one is recorded.
+pub async fn reap(state: RegistryState, shutdown: CancellationToken) {
+    loop {
+        let next = state.store.next_deadline();
+        let expiry = async {
+            match next {
+                Some(deadline) => tokio::time::sleep_until(deadline + TICK).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = state.sooner_deadline.notified() => {}
+            () = expiry => {
+                for inst in state.store.reap_expired(Instant::now()) {
+                    tracing::info!(
+                        service = %inst.name, instance = %inst.id,
+                        heartbeat_interval = inst.heartbeat_interval,
+                        "instance expired (no heartbeat for 1.5 intervals); removed"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The peer's IP address when the server provides it (normalised); absent in tests
+/// that call the router directly.
+#[derive(Debug, Clone, Copy)]
+struct Caller(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Infallible> {
+        let info = ConnectInfo::<SocketAddr>::from_request_parts(parts, state).await;
+        Ok(Self(
+            info.ok().map(|ConnectInfo(addr)| normalise_ip(addr.ip())),
+        ))
+    }
+}
+
+async fn register(
+    State(state): State<RegistryState>,
+    Caller(caller): Caller,
+    Json(raw): Json<RawRegistration>,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    let reg = raw.validate(caller)?;
+    let rec = state.store.register(reg, Instant::now(), now_millis());
+    state.recorded(&rec);
+    let i = &rec.instance;
+    tracing::info!(
+        service = %i.name, instance = %i.id, heartbeat_interval = i.heartbeat_interval,
+        "instance registered"
+    );
+    Ok(Json(RegisterResponse {
+        id: i.id.clone(),
+        heartbeat_interval: i.heartbeat_interval,
+        registered_at: i.registered_at,
+    }))
+}
+
+async fn heartbeat(
+    State(state): State<RegistryState>,
+    Caller(caller): Caller,
+    Json(raw): Json<RawRegistration>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    let reg = raw.validate(caller)?;
+    let rec = state.store.heartbeat(reg, Instant::now(), now_millis());
+    state.recorded(&rec);
+    let i = &rec.instance;
+    if rec.renewed {
+        tracing::trace!(service = %i.name, instance = %i.id, "heartbeat");
+    } else {
+        tracing::info!(
+            service = %i.name, instance = %i.id, heartbeat_interval = i.heartbeat_interval,
+            "instance registered by heartbeat"
+        );
+    }
+    Ok(Json(HeartbeatResponse {
+        ok: true,
+        last_heartbeat: i.last_heartbeat,
+        next_heartbeat_in: i.heartbeat_interval,
+    }))
+}
+
+async fn services(
+    State(state): State<RegistryState>,
+    Path(name): Path<String>,
+) -> Json<ServiceList> {
+    Json(ServiceList {
+        services: state.store.list(&name, Instant::now()),
+    })
+}
+
+async fn all_services(State(state): State<RegistryState>) -> Json<BTreeMap<String, Vec<Instance>>> {
+    Json(state.store.list_all(Instant::now()))
+}
+
+#[derive(Debug, Deserialize)]
+struct HostQuery {
+    host: Option<String>,
+}
+
+async fn remove(
+    State(state): State<RegistryState>,
+    Path((name, port)): Path<(String, String)>,
+    query: Result<Query<HostQuery>, QueryRejection>,
+) -> Result<Json<RemovedResponse>, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("Invalid query: {}", e.body_text())))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Invalid port: {port:?} is not an integer from 1 to 65535"
+            ))
+        })?;
+    let host = match query.host.as_deref() {
+        None | Some("") => None,
+        Some(h) => Some(
+            normalise_host(h)
+                .map_err(|reason| ApiError::bad_request(format!("Invalid host: {reason}")))?,
+        ),
+    };
+    let removed = state
+        .store
+        .remove(&name, port, host.as_deref(), Instant::now())
+        .map_err(|e: RemoveError| ApiError::not_found(e.to_string()))?;
+    for i in &removed {
+        tracing::info!(service = %i.name, instance = %i.id, "instance deregistered");
+    }
+    Ok(Json(RemovedResponse {
+        message: "Service removed successfully".to_owned(),
+    }))
+}
+
+async fn health(State(state): State<RegistryState>) -> Json<serde_json::Value> {
+    let all = state.store.list_all(Instant::now());
+    let instances: usize = all.values().map(Vec::len).sum();
+    Json(serde_json::json!({
+        "service": "service-registry",
+        "status": "healthy",
+        "timestamp": iso8601_now(),
+        "uptimeSeconds": state.started.elapsed().as_secs(),
+        "services": all.len(),
+        "instances": instances,
+    }))
+}
+
+async fn dashboard(State(state): State<RegistryState>) -> Html<String> {
+    let all = state.store.list_all(Instant::now());
+    Html(dashboard::render(
+        &all,
+        now_millis(),
+        state.started.elapsed().as_secs(),
+    ))
+}
+
+#[cfg(test)]
+mod tests;
