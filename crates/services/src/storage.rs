@@ -1,0 +1,616 @@
+//! Where users and orders live. Handlers see only the [`UserStore`] and [`OrderStore`]
+//! traits, so SQL stays here and another database can join beside [`SqliteStore`].
+//!
+//! The SQLite file is shared by every users and orders process on the machine, so
+//! opening it must be safe when several processes do it at the same moment. The switch
+//! to WAL is retried while another opener holds the lock (SQLite will not wait for it);
+//! the schema and the seed data are written in one `BEGIN IMMEDIATE` transaction guarded
+//! by `PRAGMA user_version`, which makes later openers wait (busy timeout) and then find
+//! the work already done. Seeding happens once per file, so a deleted seed user stays
+//! deleted across restarts.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::{Row, sqlite::SqliteRow};
+
+/// A stored user, exactly the body the users contract returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Positive, assigned by the store.
+    pub id: i64,
+    /// Trimmed, non-empty.
+    pub name: String,
+    /// Unique (case-insensitively) across users.
+    pub email: String,
+    /// `null` on the wire when unknown.
+    pub age: Option<u8>,
+}
+
+/// A validated user to create or to replace an existing one with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewUser {
+    /// Trimmed, non-empty, at most 200 characters.
+    pub name: String,
+    /// A plausible address, at most 254 characters.
+    pub email: String,
+    /// 0..=150 when given.
+    pub age: Option<u8>,
+}
+
+/// A stored order, exactly the body the orders contract returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Order {
+    /// Positive, assigned by the store.
+    pub id: i64,
+    /// The user the order belongs to.
+    pub user_id: i64,
+    /// Product names, in the order given.
+    pub products: Vec<String>,
+}
+
+/// A validated order to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrder {
+    /// A user that existed when the order was checked.
+    pub user_id: i64,
+    /// Non-empty list of non-empty product names.
+    pub products: Vec<String>,
+}
+
+/// Why a storage operation failed. A failed write has changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database could not be opened or created.
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        /// The file that was being opened.
+        path: PathBuf,
+        /// What the driver said.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Creating the tables or the seed data failed.
+    #[error("cannot prepare the database schema: {0}")]
+    Schema(#[source] sqlx::Error),
+    /// Another user already has this email address.
+    #[error("email already in use")]
+    EmailTaken,
+    /// A stored row cannot be read back into its type (e.g. products that are not a
+    /// JSON array of strings).
+    #[error("stored {table} row {id} is corrupt: {reason}")]
+    Corrupt {
+        /// The table holding the row.
+        table: &'static str,
+        /// The row's id.
+        id: i64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Any other database failure.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Users: list, read, create, replace, delete.
+pub trait UserStore: Send + Sync {
+    /// All users, by ascending id.
+    fn list_users(&self) -> impl Future<Output = Result<Vec<User>, StorageError>> + Send;
+    /// One user, `None` if there is none with this id.
+    fn user(&self, id: i64) -> impl Future<Output = Result<Option<User>, StorageError>> + Send;
+    /// Stores a new user under a fresh id. [`StorageError::EmailTaken`] if the email is
+    /// already used.
+    fn create_user(
+        &self,
+        user: &NewUser,
+    ) -> impl Future<Output = Result<User, StorageError>> + Send;
+    /// Replaces every field of user `id`; `None` if there is no such user.
+    /// [`StorageError::EmailTaken`] if another user has the email.
+    fn replace_user(
+        &self,
+        id: i64,
+        user: &NewUser,
+    ) -> impl Future<Output = Result<Option<User>, StorageError>> + Send;
+    /// Deletes user `id` and returns what was deleted; `None` if there was none.
+    fn delete_user(
+        &self,
+        id: i64,
+    ) -> impl Future<Output = Result<Option<User>, StorageError>> + Send;
+}
+
+/// Orders: list by user, read, create.
+pub trait OrderStore: Send + Sync {
+    /// The orders of one user, by ascending id (empty for an unknown user).
+    fn orders_for_user(
+        &self,
+        user_id: i64,
+    ) -> impl Future<Output = Result<Vec<Order>, StorageError>> + Send;
+    /// One order, `None` if there is none with this id.
+    fn order(&self, id: i64) -> impl Future<Output = Result<Option<Order>, StorageError>> + Send;
+    /// Stores a new order under a fresh id.
+    fn create_order(
+        &self,
+        order: &NewOrder,
+    ) -> impl Future<Output = Result<Order, StorageError>> + Send;
+}
+
+/// How long a connection waits for another process's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema version this code writes; bump it and add a step to migrate.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Version 1: the tables and the contract's seed data. Orders carry no foreign key to
+/// users on purpose: the two services own their data separately and may live in
+/// different databases; the orders service checks users over HTTP instead.
+const SCHEMA_V1: &str = r#"
+CREATE TABLE IF NOT EXISTS users (
+    id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    name  TEXT    NOT NULL,
+    email TEXT    NOT NULL UNIQUE COLLATE NOCASE,
+    age   INTEGER NULL CHECK (age IS NULL OR (age BETWEEN 0 AND 150))
+);
+CREATE TABLE IF NOT EXISTS orders (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id  INTEGER NOT NULL,
+    products TEXT    NOT NULL CHECK (json_valid(products))
+);
+CREATE INDEX IF NOT EXISTS orders_by_user ON orders (user_id, id);
+INSERT OR IGNORE INTO users (id, name, email, age) VALUES
+    (1, 'John Doe', 'john@example.com', 30),
+    (2, 'Jane Smith', 'jane@example.com', 25),
+    (3, 'Bob Johnson', 'bob@example.com', 35);
+INSERT OR IGNORE INTO orders (id, user_id, products) VALUES
+    (1, 1, '["Laptop"]'),
+    (2, 1, '["Mouse"]'),
+    (3, 2, '["Keyboard"]'),
+    (4, 2, '["Monitor"]'),
+    (5, 3, '["Headphones"]');
+PRAGMA user_version = 1;
+"#;
+
+/// Users and orders in one SQLite file (WAL mode, so readers never wait for writers).
+/// Cheap to clone: clones share one connection pool.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path`, switches it to WAL, brings its
+    /// schema up to date and seeds it once. Safe to call from several processes at the
+    /// same time.
+    pub async fn open(path: &Path) -> Result<Self, StorageError> {
+        // Switching a fresh file to WAL needs an exclusive lock that SQLite answers with
+        // SQLITE_BUSY at once instead of waiting out the busy timeout, so concurrent
+        // openers retry (with jitter, so they do not collide again) until the same
+        // deadline a busy timeout would give them.
+        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match Self::try_open(path).await {
+                Err(err) if err.is_busy() && tokio::time::Instant::now() < deadline => {
+                    let jittered = pause.mul_f64(rand::random_range(0.5..1.5));
+                    tokio::time::sleep(jittered).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn try_open(path: &Path) -> Result<Self, StorageError> {
+        // No journal mode here: each pooled connection would try to switch it again.
+        // WAL is a property of the file, set once below.
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await
+            .map_err(|source| StorageError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let store = Self { pool };
+        if let Err(e) = store.prepare().await {
+            store.pool.close().await;
+            return Err(StorageError::Schema(e));
+        }
+        Ok(store)
+    }
+
+    /// Closes every connection; later calls fail. Lets a process finish its writes
+    /// before it exits.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn prepare(&self) -> Result<(), sqlx::Error> {
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
+            .fetch_one(&self.pool)
+            .await?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(%mode, "SQLite refused WAL mode; readers will wait for writers");
+        }
+        // IMMEDIATE takes the write lock at once: a deferred transaction that first reads
+        // the version and then writes could fail with SQLITE_BUSY without waiting.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        if version < SCHEMA_VERSION {
+            // `sqlx::query` runs every statement of the script on SQLite. Not `raw_sql`:
+            // its future is not `Send` for every lifetime, so `run` could not be spawned.
+            sqlx::query(SCHEMA_V1).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+}
+
+impl StorageError {
+    /// Whether another connection held a lock SQLite would not wait for; worth retrying.
+    fn is_busy(&self) -> bool {
+        let source = match self {
+            Self::Open { source, .. } | Self::Schema(source) | Self::Database(source) => source,
+            Self::EmailTaken | Self::Corrupt { .. } => return false,
+        };
+        let sqlx::Error::Database(db) = source else {
+            return false;
+        };
+        // Primary result codes SQLITE_BUSY (5) and SQLITE_LOCKED (6), under any extended
+        // code (e.g. SQLITE_BUSY_RECOVERY).
+        db.code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+    }
+}
+
+const USER_COLUMNS: &str = "id, name, email, age";
+
+fn user_from_row(row: &SqliteRow) -> Result<User, StorageError> {
+    let id: i64 = row.try_get("id")?;
+    let age: Option<i64> = row.try_get("age")?;
+    let age = age
+        .map(u8::try_from)
+        .transpose()
+        .map_err(|_| StorageError::Corrupt {
+            table: "users",
+            id,
+            reason: "age out of range".into(),
+        })?;
+    Ok(User {
+        id,
+        name: row.try_get("name")?,
+        email: row.try_get("email")?,
+        age,
+    })
+}
+
+fn order_from_row(row: &SqliteRow) -> Result<Order, StorageError> {
+    let id: i64 = row.try_get("id")?;
+    let products: String = row.try_get("products")?;
+    let products =
+        serde_json::from_str::<Vec<String>>(&products).map_err(|e| StorageError::Corrupt {
+            table: "orders",
+            id,
+            reason: format!("products: {e}"),
+        })?;
+    Ok(Order {
+        id,
+        user_id: row.try_get("user_id")?,
+        products,
+    })
+}
+
+/// The email UNIQUE constraint is the only one a valid write can break.
+fn email_conflict(err: sqlx::Error) -> StorageError {
+    match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StorageError::EmailTaken,
+        _ => StorageError::Database(err),
+    }
+}
+
+impl UserStore for SqliteStore {
+    async fn list_users(&self) -> Result<Vec<User>, StorageError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY id");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn user(&self, id: i64) -> Result<Option<User>, StorageError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn create_user(&self, user: &NewUser) -> Result<User, StorageError> {
+        let sql = format!(
+            "INSERT INTO users (name, email, age) VALUES (?, ?, ?) RETURNING {USER_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&user.name)
+            .bind(&user.email)
+            .bind(user.age)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(email_conflict)?;
+        user_from_row(&row)
+    }
+
+    async fn replace_user(&self, id: i64, user: &NewUser) -> Result<Option<User>, StorageError> {
+        let sql = format!(
+            "UPDATE users SET name = ?, email = ?, age = ? WHERE id = ? RETURNING {USER_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(&user.name)
+            .bind(&user.email)
+            .bind(user.age)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(email_conflict)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn delete_user(&self, id: i64) -> Result<Option<User>, StorageError> {
+        let sql = format!("DELETE FROM users WHERE id = ? RETURNING {USER_COLUMNS}");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+}
+
+impl OrderStore for SqliteStore {
+    async fn orders_for_user(&self, user_id: i64) -> Result<Vec<Order>, StorageError> {
+        let rows =
+            sqlx::query("SELECT id, user_id, products FROM orders WHERE user_id = ? ORDER BY id")
+                .bind(user_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(order_from_row).collect()
+    }
+
+    async fn order(&self, id: i64) -> Result<Option<Order>, StorageError> {
+        let row = sqlx::query("SELECT id, user_id, products FROM orders WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(order_from_row).transpose()
+    }
+
+    async fn create_order(&self, order: &NewOrder) -> Result<Order, StorageError> {
+        let products = serde_json::Value::from(order.products.clone()).to_string();
+        let row = sqlx::query(
+            "INSERT INTO orders (user_id, products) VALUES (?, ?) RETURNING id, user_id, products",
+        )
+        .bind(order.user_id)
+        .bind(products)
+        .fetch_one(&self.pool)
+        .await?;
+        order_from_row(&row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{TempDir, temp_store};
+
+    fn ada() -> NewUser {
+        NewUser {
+            name: "Ada".into(),
+            email: "ada@example.org".into(),
+            age: Some(36),
+        }
+    }
+
+    #[tokio::test]
+    async fn three_concurrent_opens_succeed_and_seed_once() {
+        let dir = TempDir::new("concurrent-open");
+        let path = dir.db();
+        let (a, b, c) = tokio::join!(
+            SqliteStore::open(&path),
+            SqliteStore::open(&path),
+            SqliteStore::open(&path)
+        );
+        let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+        for store in [&a, &b, &c] {
+            let users = store.list_users().await.unwrap();
+            assert_eq!(users.len(), 3);
+        }
+        let users = a.list_users().await.unwrap();
+        assert_eq!(
+            users[0],
+            User {
+                id: 1,
+                name: "John Doe".into(),
+                email: "john@example.com".into(),
+                age: Some(30)
+            }
+        );
+        assert_eq!(users[1].email, "jane@example.com");
+        assert_eq!(users[2].name, "Bob Johnson");
+        assert_eq!(a.orders_for_user(1).await.unwrap().len(), 2);
+        assert_eq!(a.orders_for_user(2).await.unwrap().len(), 2);
+        assert_eq!(
+            a.orders_for_user(3).await.unwrap(),
+            vec![Order {
+                id: 5,
+                user_id: 3,
+                products: vec!["Headphones".into()]
+            }]
+        );
+        for store in [a, b, c] {
+            store.close().await;
+        }
+    }
+
+    /// Set by [`three_processes_open_one_file_at_once`] for its child processes.
+    const CHILD_DB_ENV: &str = "BREAKWATER_SERVICES_TEST_CHILD_DB";
+
+    /// In a child process: open the database named by the parent. Otherwise a no-op.
+    #[tokio::test]
+    async fn child_process_opens_the_database() {
+        let Some(path) = std::env::var_os(CHILD_DB_ENV) else {
+            return;
+        };
+        let store = SqliteStore::open(Path::new(&path)).await.unwrap();
+        assert_eq!(store.list_users().await.unwrap().len(), 3);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn three_processes_open_one_file_at_once() {
+        let dir = TempDir::new("three-processes");
+        let exe = std::env::current_exe().unwrap();
+        let spawn = || {
+            tokio::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "storage::tests::child_process_opens_the_database",
+                ])
+                .env(CHILD_DB_ENV, dir.db())
+                .stdout(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .status()
+        };
+        let (a, b, c) = tokio::join!(spawn(), spawn(), spawn());
+        for status in [a, b, c] {
+            assert!(status.unwrap().success());
+        }
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        assert_eq!(store.list_users().await.unwrap().len(), 3);
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_changes_and_does_not_reseed() {
+        let dir = TempDir::new("reopen");
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        assert!(store.delete_user(1).await.unwrap().is_some());
+        let created = store.create_user(&ada()).await.unwrap();
+        store.close().await;
+
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        assert_eq!(
+            store.user(1).await.unwrap(),
+            None,
+            "a deleted seed user stays deleted"
+        );
+        assert_eq!(store.user(created.id).await.unwrap(), Some(created));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn new_ids_follow_the_seed() {
+        let (_dir, store) = temp_store("ids").await;
+        assert_eq!(store.create_user(&ada()).await.unwrap().id, 4);
+        let order = store
+            .create_order(&NewOrder {
+                user_id: 4,
+                products: vec!["Pen".into(), "Ink".into()],
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            order,
+            Order {
+                id: 6,
+                user_id: 4,
+                products: vec!["Pen".into(), "Ink".into()]
+            }
+        );
+        assert_eq!(store.order(6).await.unwrap(), Some(order));
+        assert_eq!(store.order(7).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn duplicate_email_changes_nothing() {
+        let (_dir, store) = temp_store("dup").await;
+        let before = store.list_users().await.unwrap();
+        let dup = NewUser {
+            email: "JOHN@example.com".into(),
+            ..ada()
+        };
+        assert!(matches!(
+            store.create_user(&dup).await,
+            Err(StorageError::EmailTaken)
+        ));
+        assert!(matches!(
+            store.replace_user(2, &dup).await,
+            Err(StorageError::EmailTaken)
+        ));
+        assert_eq!(store.list_users().await.unwrap(), before);
+        // The failed insert did not burn an id either.
+        assert_eq!(store.create_user(&ada()).await.unwrap().id, 4);
+    }
+
+    #[tokio::test]
+    async fn replace_and_delete_report_missing_users() {
+        let (_dir, store) = temp_store("missing").await;
+        assert_eq!(store.replace_user(99, &ada()).await.unwrap(), None);
+        assert_eq!(store.delete_user(99).await.unwrap(), None);
+        let replaced = store
+            .replace_user(2, &NewUser { age: None, ..ada() })
+            .await
+            .unwrap();
+        assert_eq!(
+            replaced,
+            Some(User {
+                id: 2,
+                name: "Ada".into(),
+                email: "ada@example.org".into(),
+                age: None
+            })
+        );
+        // A user may keep their own email on replace.
+        assert!(store.replace_user(2, &ada()).await.unwrap().is_some());
+        let deleted = store.delete_user(2).await.unwrap().unwrap();
+        assert_eq!(deleted.email, "ada@example.org");
+        assert_eq!(store.user(2).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn corrupt_products_are_reported_not_panicked_on() {
+        let (_dir, store) = temp_store("corrupt").await;
+        sqlx::query("UPDATE orders SET products = '{\"a\":1}' WHERE id = 1")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.order(1).await,
+            Err(StorageError::Corrupt {
+                table: "orders",
+                id: 1,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn open_fails_cleanly_on_an_unusable_path() {
+        let dir = TempDir::new("bad-path");
+        let err = SqliteStore::open(&dir.path().join("missing-dir").join("x.db"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Open { .. }), "{err}");
+    }
+}
