@@ -28,23 +28,26 @@ pub fn on_signal() -> std::io::Result<CancellationToken> {
 /// `breakwater up` gives each child a pipe as stdin and never writes to it; if the
 /// supervisor dies without a chance to stop its children (SIGKILL, crash), the pipe
 /// closes and the child shuts itself down instead of living on as an orphan.
-pub fn cancel_on_stdin_eof(token: CancellationToken) {
-    tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 256];
-        loop {
-            tokio::select! {
-                read = stdin.read(&mut buf) => match read {
-                    Ok(0) | Err(_) => {
-                        tracing::info!("supervisor went away (stdin closed); shutting down");
-                        token.cancel();
-                        return;
-                    }
+///
+/// The read runs on a detached OS thread rather than `tokio::io::stdin`, whose blocking
+/// read would keep the runtime (and so the process) from exiting after shutdown.
+pub fn cancel_on_stdin_eof(token: CancellationToken) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 256];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) => break,
                     Ok(_) => {}
-                },
-                () = token.cancelled() => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
             }
-        }
-    });
+            tracing::info!("supervisor went away (stdin closed); shutting down");
+            token.cancel();
+        })?;
+    Ok(())
 }

@@ -20,7 +20,9 @@ impl FromStr for LogFormat {
         match s {
             "pretty" => Ok(Self::Pretty),
             "json" => Ok(Self::Json),
-            other => Err(format!("unknown log format {other:?} (expected pretty or json)")),
+            other => Err(format!(
+                "unknown log format {other:?} (expected pretty or json)"
+            )),
         }
     }
 }

@@ -1,0 +1,272 @@
+//! Which processes `up` runs, with which arguments, on which ports.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+
+use breakwater_runtime::telemetry::LogFormat;
+
+use crate::cli::UpArgs;
+use crate::component::UsageError;
+
+/// A component's role, which fixes its place in the start and stop order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Registry,
+    Service,
+    Gateway,
+}
+
+/// Everything needed to start (and restart) one child process.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    /// Display name, unique: `registry`, `users-1`, `orders-3`, `gateway`.
+    pub name: String,
+    pub role: Role,
+    pub port: u16,
+    /// Host to reach it on (the bind address, or loopback for a wildcard bind).
+    pub host: IpAddr,
+    /// Service name in the registry, for roles that register.
+    pub registry_name: Option<&'static str>,
+    /// Arguments after the executable.
+    pub args: Vec<OsString>,
+}
+
+impl ChildSpec {
+    /// `http://host:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}", SocketAddr::new(self.host, self.port))
+    }
+}
+
+/// The whole system's processes.
+#[derive(Debug)]
+pub struct Plan {
+    pub children: Vec<ChildSpec>,
+    pub registry_url: String,
+    pub gateway_url: String,
+    /// Things the user should hear about, such as a port that moved.
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn new(args: &UpArgs, data_dir: &Path, log_format: LogFormat) -> Result<Self, UsageError> {
+        let host = if args.bind.is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            args.bind
+        };
+        let mut ports = PortPicker {
+            bind: args.bind,
+            taken: HashSet::new(),
+            notes: Vec::new(),
+        };
+        let log = match log_format {
+            LogFormat::Pretty => "pretty",
+            LogFormat::Json => "json",
+        };
+        let bind = args.bind.to_string();
+        let common = |sub: &[&str], port: u16| -> Vec<OsString> {
+            let mut v: Vec<OsString> = vec!["--log-format".into(), log.into()];
+            v.extend(sub.iter().map(OsString::from));
+            v.extend([
+                "--port".into(),
+                port.to_string().into(),
+                "--bind".into(),
+                bind.clone().into(),
+            ]);
+            v
+        };
+
+        let registry_port = ports.pick("--registry-port", args.registry_port)?;
+        let registry_url = format!("http://{}", SocketAddr::new(host, registry_port));
+        let discovery = |v: &mut Vec<OsString>| {
+            v.extend([
+                "--registry".into(),
+                registry_url.clone().into(),
+                "--heartbeat-interval".into(),
+                args.heartbeat_interval.to_string().into(),
+                "--advertise-host".into(),
+                host.to_string().into(),
+            ]);
+        };
+
+        let mut children = vec![ChildSpec {
+            name: "registry".into(),
+            role: Role::Registry,
+            port: registry_port,
+            host,
+            registry_name: None,
+            args: common(&["registry"], registry_port),
+        }];
+        for (label, sub, base, count, registry_name, flag) in [
+            (
+                "users",
+                "users",
+                args.users_port,
+                args.users,
+                "user-service",
+                "--users-port",
+            ),
+            (
+                "orders",
+                "orders",
+                args.orders_port,
+                args.orders,
+                "order-service",
+                "--orders-port",
+            ),
+        ] {
+            for i in 0..count {
+                let wanted = if base == 0 {
+                    0
+                } else {
+                    base.checked_add(i).ok_or_else(|| {
+                        UsageError(format!(
+                            "{flag} {base}: {count} instances do not fit below port 65536"
+                        ))
+                    })?
+                };
+                let port = ports.pick(flag, wanted)?;
+                let mut a = common(&["service", sub], port);
+                discovery(&mut a);
+                a.extend(["--data-dir".into(), data_dir.as_os_str().to_owned()]);
+                children.push(ChildSpec {
+                    name: format!("{label}-{}", i + 1),
+                    role: Role::Service,
+                    port,
+                    host,
+                    registry_name: Some(registry_name),
+                    args: a,
+                });
+            }
+        }
+        let gateway_port = ports.pick("--gateway-port", args.gateway_port)?;
+        let mut a = common(&["gateway"], gateway_port);
+        discovery(&mut a);
+        a.extend([
+            "--registry-dashboard".into(),
+            format!("{registry_url}/").into(),
+        ]);
+        children.push(ChildSpec {
+            name: "gateway".into(),
+            role: Role::Gateway,
+            port: gateway_port,
+            host,
+            registry_name: Some("api-gateway"),
+            args: a,
+        });
+        let gateway_url = format!("http://{}", SocketAddr::new(host, gateway_port));
+        Ok(Self {
+            children,
+            registry_url,
+            gateway_url,
+            notes: ports.notes,
+        })
+    }
+}
+
+/// Chooses ports: the wanted one when it is free, else a free one from the OS.
+struct PortPicker {
+    bind: IpAddr,
+    taken: HashSet<u16>,
+    notes: Vec<String>,
+}
+
+impl PortPicker {
+    fn pick(&mut self, flag: &str, wanted: u16) -> Result<u16, UsageError> {
+        if wanted != 0 && !self.taken.contains(&wanted) && self.free(wanted) {
+            self.taken.insert(wanted);
+            return Ok(wanted);
+        }
+        // The OS hands out a free ephemeral port; retry if it collides with one we chose.
+        for _ in 0..32 {
+            let port = TcpListener::bind(SocketAddr::new(self.bind, 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|e| UsageError(format!("--bind {}: cannot bind: {e}", self.bind)))?
+                .port();
+            if self.taken.insert(port) {
+                if wanted != 0 {
+                    self.notes
+                        .push(format!("{flag}: port {wanted} is taken; using {port}"));
+                }
+                return Ok(port);
+            }
+        }
+        Err(UsageError(format!("{flag}: no free port found")))
+    }
+
+    fn free(&self, port: u16) -> bool {
+        TcpListener::bind(SocketAddr::new(self.bind, port)).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn up(args: &[&str]) -> UpArgs {
+        let mut v = vec!["breakwater", "up"];
+        v.extend(args);
+        match crate::cli::Cli::try_parse_from(v).unwrap().command {
+            crate::cli::Command::Up(u) => u,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn plan_has_every_component_in_start_order() {
+        let args = up(&[
+            "--registry-port",
+            "0",
+            "--gateway-port",
+            "0",
+            "--users-port",
+            "0",
+            "--orders-port",
+            "0",
+            "--users",
+            "2",
+            "--orders",
+            "1",
+        ]);
+        let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
+        let names: Vec<_> = plan.children.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["registry", "users-1", "users-2", "orders-1", "gateway"]
+        );
+        let ports: HashSet<_> = plan.children.iter().map(|c| c.port).collect();
+        assert_eq!(ports.len(), 5, "ports are distinct");
+        assert!(plan.notes.is_empty());
+    }
+
+    #[test]
+    fn a_taken_port_moves_and_says_so() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let args = up(&[
+            "--registry-port",
+            &port.to_string(),
+            "--gateway-port",
+            "0",
+            "--users-port",
+            "0",
+            "--orders-port",
+            "0",
+            "--users",
+            "1",
+            "--orders",
+            "1",
+        ]);
+        let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
+        assert_ne!(plan.children[0].port, port);
+        assert!(
+            plan.notes[0].contains("--registry-port"),
+            "{:?}",
+            plan.notes
+        );
+    }
+}
