@@ -260,3 +260,93 @@ impl FakeRegistry {
         }
     }
 }
+
+/// What one call of a [`ScriptedUpstream`] does.
+#[derive(Debug, Clone)]
+pub(crate) enum Step {
+    /// Answer like the unstable service's 500.
+    Fail,
+    /// Answer `{"message":"External service OK"}`.
+    Answer,
+    /// Never answer (only the caller's deadline ends the call).
+    Stall,
+    /// Wait until the notify fires, then answer.
+    AnswerWhenReleased(Arc<tokio::sync::Notify>),
+}
+
+#[derive(Debug)]
+struct Script {
+    steps: std::collections::VecDeque<Step>,
+    then: Step,
+    calls: Vec<tokio::time::Instant>,
+}
+
+/// An in-process dependency that follows a script and records when it was called.
+/// Cheap to clone: clones share the script and the record.
+#[derive(Debug, Clone)]
+pub(crate) struct ScriptedUpstream(Arc<Mutex<Script>>);
+
+impl ScriptedUpstream {
+    /// Does `steps` in order, then `then` forever.
+    pub(crate) fn scripted(steps: Vec<Step>, then: Step) -> Self {
+        Self(Arc::new(Mutex::new(Script {
+            steps: steps.into(),
+            then,
+            calls: Vec::new(),
+        })))
+    }
+
+    pub(crate) fn answering() -> Self {
+        Self::scripted(vec![], Step::Answer)
+    }
+
+    pub(crate) fn failing() -> Self {
+        Self::scripted(vec![], Step::Fail)
+    }
+
+    pub(crate) fn stalling() -> Self {
+        Self::scripted(vec![], Step::Stall)
+    }
+
+    pub(crate) fn succeeding_after(failures: usize) -> Self {
+        Self::scripted(vec![Step::Fail; failures], Step::Answer)
+    }
+
+    /// Calls made so far.
+    pub(crate) fn calls(&self) -> usize {
+        self.0.lock().unwrap().calls.len()
+    }
+
+    /// When each call was made.
+    pub(crate) fn call_times(&self) -> Vec<tokio::time::Instant> {
+        self.0.lock().unwrap().calls.clone()
+    }
+
+    /// Appends steps to the script (after the ones not yet taken).
+    pub(crate) fn push(&self, step: Step) {
+        self.0.lock().unwrap().steps.push_back(step);
+    }
+}
+
+impl crate::upstream::Upstream for ScriptedUpstream {
+    async fn fetch(&self) -> Result<Value, crate::upstream::UpstreamError> {
+        let step = {
+            let mut script = self.0.lock().unwrap();
+            script.calls.push(tokio::time::Instant::now());
+            let then = script.then.clone();
+            script.steps.pop_front().unwrap_or(then)
+        };
+        match step {
+            Step::Fail => Err(crate::upstream::UpstreamError::Status {
+                url: "scripted://data".into(),
+                status: 500,
+            }),
+            Step::Answer => Ok(json!({"message": "External service OK"})),
+            Step::Stall => std::future::pending().await,
+            Step::AnswerWhenReleased(release) => {
+                release.notified().await;
+                Ok(json!({"message": "External service OK"}))
+            }
+        }
+    }
+}

@@ -1,23 +1,41 @@
-//! The users and orders services of Breakwater.
+//! The services of Breakwater: users, orders, analytics, data and unstable.
 //!
-//! - [`storage`]: the [`storage::UserStore`] and [`storage::OrderStore`] traits and
-//!   [`storage::SqliteStore`], one SQLite file shared by every instance on a machine.
 //! - [`users`]: the users service ("user-service"), `app(UsersState) -> Router`.
 //! - [`orders`]: the orders service ("order-service"), `app(OrdersState) -> Router`; it
 //!   checks users through discovery before writing an order.
-//! - [`run`]: one instance as a process part (storage, serving, registration, shutdown),
-//!   configured by [`ServiceKind`] and [`ServiceConfig`].
+//! - [`analytics`]: the analytics service ("analytics-service"): rate-limited metric
+//!   ingestion into [`analytics::MetricStore`], cached summaries through
+//!   [`analytics::SummaryCache`], and the external call behind a circuit breaker.
+//! - [`data`]: the data service ("data-service"): retried calls to the dependency with a
+//!   fallback, stored in the sharded [`data::DataStore`].
+//! - [`unstable`]: the fault-injecting dependency ("unstable-service") and its
+//!   CPU-bound stress endpoint.
+//! - [`upstream`]: the dependency as analytics and data call it ([`upstream::Upstream`]).
+//! - [`storage`]: the [`storage::UserStore`] and [`storage::OrderStore`] traits and
+//!   [`storage::SqliteStore`], one SQLite file shared by every instance on a machine;
+//!   also [`storage::StorageError`], shared by every store.
+//! - [`settings`]: [`InvalidSetting`], the error a bad setting gives.
+//! - [`run`]: one instance as a process part (settings, storage, serving, registration,
+//!   shutdown), configured by [`ServiceKind`] and [`ServiceConfig`].
 
+pub mod analytics;
+pub mod data;
+mod database;
 mod errors;
 #[cfg(test)]
 mod fixtures;
 mod id;
 pub mod orders;
 mod service;
+pub mod settings;
 pub mod storage;
+pub mod unstable;
+pub mod upstream;
 mod user_lookup;
 pub mod users;
 
 pub use service::{
-    DATABASE_FILE, ServiceConfig, ServiceError, ServiceKind, UnknownServiceKind, run,
+    DATA_SHARD_DIR, DATABASE_FILE, ServiceConfig, ServiceError, ServiceKind, ServiceOptions,
+    UnknownServiceKind, run,
 };
+pub use settings::InvalidSetting;

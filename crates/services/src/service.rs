@@ -1,27 +1,39 @@
-//! Running one users or orders instance as a process part: open storage, serve, stay
-//! registered, and stop in order.
+//! Running one service instance as a process part: check its settings, open its
+//! storage, serve, stay registered, and stop in order.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use axum::Router;
 use breakwater_registry::client::{CachePolicy, Discovery, RegistryClient, spawn_registration};
 use breakwater_registry::wire::RegisterRequest;
+use breakwater_resilience::breaker::Transition;
 use breakwater_runtime::CancellationToken;
 use breakwater_runtime::serve::{DEFAULT_DRAIN, serve};
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 
+use crate::analytics::{self, AnalyticsSettings, AnalyticsState, SqliteMetrics};
+use crate::data::{self, DataSettings, DataState, SqliteShards};
 use crate::orders::{self, OrdersState};
+use crate::settings::InvalidSetting;
 use crate::storage::{SqliteStore, StorageError};
+use crate::unstable::{self, UnstableSettings, UnstableState};
+use crate::upstream::{HttpUpstream, UpstreamTarget};
 use crate::users::{self, UsersState};
 
 /// The database file inside [`ServiceConfig::data_dir`], shared by users and orders.
 pub const DATABASE_FILE: &str = "breakwater.db";
 
-/// How long connecting to a users instance may take; the whole call has its own limit.
-const USERS_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The directory inside [`ServiceConfig::data_dir`] holding the data service's shard
+/// files, shared by every data instance.
+pub const DATA_SHARD_DIR: &str = "data-shards";
+
+/// How long connecting to another service may take; each call has its own limit too.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Which service an instance runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,14 +42,32 @@ pub enum ServiceKind {
     Users,
     /// "order-service".
     Orders,
+    /// "analytics-service".
+    Analytics,
+    /// "data-service".
+    Data,
+    /// "unstable-service".
+    Unstable,
 }
 
 impl ServiceKind {
+    /// Every kind, in start order for `up` (dependencies before dependents).
+    pub const ALL: [Self; 5] = [
+        Self::Unstable,
+        Self::Users,
+        Self::Orders,
+        Self::Analytics,
+        Self::Data,
+    ];
+
     /// The name the instance registers under.
     pub fn service_name(self) -> &'static str {
         match self {
             Self::Users => users::SERVICE_NAME,
             Self::Orders => orders::SERVICE_NAME,
+            Self::Analytics => analytics::SERVICE_NAME,
+            Self::Data => data::SERVICE_NAME,
+            Self::Unstable => unstable::SERVICE_NAME,
         }
     }
 }
@@ -48,25 +78,52 @@ impl fmt::Display for ServiceKind {
     }
 }
 
-/// Accepts `users`/`user-service` and `orders`/`order-service`.
+/// Accepts the short name (`users`, `orders`, `analytics`, `data`, `unstable`) or the
+/// registry name (`user-service`, ...).
 impl FromStr for ServiceKind {
     type Err = UnknownServiceKind;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "users" | "user-service" => Ok(Self::Users),
             "orders" | "order-service" => Ok(Self::Orders),
+            "analytics" | "analytics-service" => Ok(Self::Analytics),
+            "data" | "data-service" => Ok(Self::Data),
+            "unstable" | "unstable-service" => Ok(Self::Unstable),
             other => Err(UnknownServiceKind(other.to_owned())),
         }
     }
 }
 
-/// A service name that is neither users nor orders.
+/// A service name that is none of the five.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown service {0:?} (expected users or orders)")]
+#[error("unknown service {0:?} (expected users, orders, analytics, data or unstable)")]
 pub struct UnknownServiceKind(pub String);
 
-/// Where an instance is reachable and where it keeps its data.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The settings of the services that have any; each kind reads its own part.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceOptions {
+    /// Used by [`ServiceKind::Analytics`].
+    pub analytics: AnalyticsSettings,
+    /// Used by [`ServiceKind::Data`].
+    pub data: DataSettings,
+    /// Used by [`ServiceKind::Unstable`].
+    pub unstable: UnstableSettings,
+}
+
+impl ServiceOptions {
+    /// Checks the part `kind` uses; the error names the setting.
+    pub fn validate(&self, kind: ServiceKind) -> Result<(), InvalidSetting> {
+        match kind {
+            ServiceKind::Users | ServiceKind::Orders => Ok(()),
+            ServiceKind::Analytics => self.analytics.validate(),
+            ServiceKind::Data => self.data.validate(),
+            ServiceKind::Unstable => self.unstable.validate(),
+        }
+    }
+}
+
+/// Where an instance is reachable, where it keeps its data, and how it behaves.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     /// The port advertised to the registry (and used in the instance id).
     pub port: u16,
@@ -79,11 +136,16 @@ pub struct ServiceConfig {
     pub data_dir: PathBuf,
     /// Seconds between heartbeats (the registry expires the instance after 1.5x).
     pub heartbeat_interval_secs: u64,
+    /// Settings of the analytics, data and unstable services.
+    pub options: ServiceOptions,
 }
 
 /// Why an instance could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
+    /// A setting has a value it cannot take (a usage error: exit 64).
+    #[error(transparent)]
+    Setting(#[from] InvalidSetting),
     /// The data directory could not be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -107,50 +169,25 @@ pub enum ServiceError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Runs one instance of `kind` on `listener` until `shutdown` fires: opens
-/// `data_dir/breakwater.db`, serves, registers once serving (heartbeating meanwhile), and
-/// on shutdown drains requests and deregisters before returning.
+/// Runs one instance of `kind` on `listener` until `shutdown` fires: checks the
+/// settings, opens its storage under `data_dir` (users and orders share
+/// [`DATABASE_FILE`], analytics has [`analytics::DATABASE_FILE`], data has its shards in
+/// [`DATA_SHARD_DIR`], unstable stores nothing), serves, registers once serving
+/// (heartbeating meanwhile), and on shutdown drains requests and deregisters before
+/// returning.
 pub async fn run(
     kind: ServiceKind,
     listener: TcpListener,
     config: ServiceConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServiceError> {
+    config.options.validate(kind)?;
     let service = kind.service_name();
     let instance = format!("{service}-{}", config.port);
     let port = config.port;
-
-    tokio::fs::create_dir_all(&config.data_dir)
-        .await
-        .map_err(|source| ServiceError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
-    let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?;
     let registry = RegistryClient::new(config.registry_url.clone());
 
-    let router = match kind {
-        ServiceKind::Users => users::app(UsersState {
-            store: store.clone(),
-            instance: instance.clone(),
-            port,
-        }),
-        ServiceKind::Orders => {
-            let http = reqwest::Client::builder()
-                // Calls between services stay inside the system; a proxy taken from the
-                // environment would only add a hop that may not reach them.
-                .no_proxy()
-                .connect_timeout(USERS_CONNECT_TIMEOUT)
-                .build()?;
-            orders::app(OrdersState {
-                store: store.clone(),
-                instance: instance.clone(),
-                port,
-                users: Discovery::new(registry.clone(), CachePolicy::default()),
-                http,
-            })
-        }
-    };
+    let (router, storage) = build(kind, &config, &instance, &registry).await?;
 
     let local = listener.local_addr().ok();
     tracing::info!(service, %instance, port, ?local, registry = %config.registry_url, "service starting");
@@ -169,9 +206,159 @@ pub async fn run(
     if let Err(error) = registration.await {
         tracing::warn!(service, %instance, %error, "registration task failed");
     }
-    store.close().await;
+    storage.close().await;
     tracing::info!(service, %instance, port, "service stopped");
     served?.map_err(ServiceError::Serve)
+}
+
+/// What an instance opened and must close before it exits.
+#[derive(Debug)]
+enum Storage {
+    Shared(SqliteStore),
+    Metrics(SqliteMetrics),
+    Shards(SqliteShards),
+    Nothing,
+}
+
+impl Storage {
+    async fn close(&self) {
+        match self {
+            Self::Shared(store) => store.close().await,
+            Self::Metrics(store) => store.close().await,
+            Self::Shards(store) => store.close().await,
+            Self::Nothing => {}
+        }
+    }
+}
+
+/// Opens what `kind` stores into and builds its router.
+async fn build(
+    kind: ServiceKind,
+    config: &ServiceConfig,
+    instance: &str,
+    registry: &RegistryClient,
+) -> Result<(Router, Storage), ServiceError> {
+    let port = config.port;
+    let options = &config.options;
+    if kind != ServiceKind::Unstable {
+        create_dir(&config.data_dir).await?;
+    }
+    let discovery = || Discovery::new(registry.clone(), CachePolicy::default());
+    Ok(match kind {
+        ServiceKind::Users => {
+            let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?;
+            let router = users::app(UsersState {
+                store: store.clone(),
+                instance: instance.to_owned(),
+                port,
+            });
+            (router, Storage::Shared(store))
+        }
+        ServiceKind::Orders => {
+            let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?;
+            let router = orders::app(OrdersState {
+                store: store.clone(),
+                instance: instance.to_owned(),
+                port,
+                users: discovery(),
+                http: http_client()?,
+            });
+            (router, Storage::Shared(store))
+        }
+        ServiceKind::Analytics => {
+            let settings = &options.analytics;
+            let upstream = HttpUpstream::new(
+                target(settings.external.as_deref(), discovery),
+                http_client()?,
+            );
+            let store =
+                SqliteMetrics::open(&config.data_dir.join(analytics::DATABASE_FILE)).await?;
+            let state = AnalyticsState::new(
+                store.clone(),
+                settings.memory_cache(),
+                upstream,
+                instance,
+                port,
+                settings,
+            );
+            let state = match state {
+                Ok(state) => state,
+                Err(err) => {
+                    store.close().await;
+                    return Err(err.into());
+                }
+            };
+            tokio::spawn(log_transitions(state.breaker_transitions()));
+            (analytics::app(state), Storage::Metrics(store))
+        }
+        ServiceKind::Data => {
+            let settings = &options.data;
+            let upstream = HttpUpstream::new(
+                target(settings.external.as_deref(), discovery),
+                http_client()?,
+            );
+            let dir = config.data_dir.join(DATA_SHARD_DIR);
+            create_dir(&dir).await?;
+            let store = SqliteShards::open(&dir, settings.shards).await?;
+            let state = match DataState::new(store.clone(), upstream, instance, port, settings) {
+                Ok(state) => state,
+                Err(err) => {
+                    store.close().await;
+                    return Err(err.into());
+                }
+            };
+            (data::app(state), Storage::Shards(store))
+        }
+        ServiceKind::Unstable => {
+            let state = UnstableState::new(instance, port, &options.unstable)?;
+            (unstable::app(state), Storage::Nothing)
+        }
+    })
+}
+
+async fn create_dir(path: &std::path::Path) -> Result<(), ServiceError> {
+    tokio::fs::create_dir_all(path)
+        .await
+        .map_err(|source| ServiceError::DataDir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The dependency at a fixed URL, or found through discovery.
+fn target(external: Option<&str>, discovery: impl FnOnce() -> Discovery) -> UpstreamTarget {
+    match external {
+        Some(url) => UpstreamTarget::Url(url.trim_end_matches('/').to_owned()),
+        None => UpstreamTarget::Discovered(discovery()),
+    }
+}
+
+/// The pooled client for calls to other services; each call sets its own deadline.
+fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        // Calls between services stay inside the system; a proxy taken from the
+        // environment would only add a hop that may not reach them.
+        .no_proxy()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .build()
+}
+
+/// Logs each breaker transition once, where it is observed; ends with the breaker.
+async fn log_transitions(mut transitions: broadcast::Receiver<Transition>) {
+    loop {
+        match transitions.recv().await {
+            Ok(t) => tracing::warn!(
+                from = %t.from,
+                to = %t.to,
+                reason = %t.reason,
+                "external dependency circuit breaker changed state"
+            ),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "breaker transitions were missed");
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 fn register_request(kind: ServiceKind, instance: &str, config: &ServiceConfig) -> RegisterRequest {
@@ -210,6 +397,23 @@ mod tests {
         data_dir: &std::path::Path,
         shutdown: &CancellationToken,
     ) -> (u16, tokio::task::JoinHandle<Result<(), ServiceError>>) {
+        start_with(
+            kind,
+            registry_url,
+            data_dir,
+            shutdown,
+            ServiceOptions::default(),
+        )
+        .await
+    }
+
+    async fn start_with(
+        kind: ServiceKind,
+        registry_url: &str,
+        data_dir: &std::path::Path,
+        shutdown: &CancellationToken,
+        options: ServiceOptions,
+    ) -> (u16, tokio::task::JoinHandle<Result<(), ServiceError>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let config = ServiceConfig {
@@ -218,6 +422,7 @@ mod tests {
             registry_url: registry_url.to_owned(),
             data_dir: data_dir.to_path_buf(),
             heartbeat_interval_secs: 30,
+            options,
         };
         (
             port,
@@ -312,6 +517,7 @@ mod tests {
             registry_url: "http://127.0.0.1:1".into(),
             data_dir: file.join("sub"),
             heartbeat_interval_secs: 30,
+            options: ServiceOptions::default(),
         };
         let err = run(
             ServiceKind::Users,
@@ -331,8 +537,155 @@ mod tests {
             "order-service".parse::<ServiceKind>(),
             Ok(ServiceKind::Orders)
         );
-        assert!("data".parse::<ServiceKind>().is_err());
+        for kind in ServiceKind::ALL {
+            assert_eq!(kind.service_name().parse::<ServiceKind>(), Ok(kind));
+            let short = kind.service_name().trim_end_matches("-service");
+            let short = if short == "user" || short == "order" {
+                format!("{short}s")
+            } else {
+                short.to_owned()
+            };
+            assert_eq!(short.parse::<ServiceKind>(), Ok(kind), "{short}");
+        }
+        assert!("gateway".parse::<ServiceKind>().is_err());
         assert_eq!(ServiceKind::Users.to_string(), "user-service");
-        assert_eq!(ServiceKind::Orders.service_name(), "order-service");
+        assert_eq!(ServiceKind::Data.service_name(), "data-service");
+        assert_eq!(ServiceKind::Analytics.service_name(), "analytics-service");
+        assert_eq!(ServiceKind::Unstable.service_name(), "unstable-service");
+    }
+
+    async fn get_json(http: &reqwest::Client, url: String) -> (reqwest::StatusCode, Value) {
+        let res = http.get(url).send().await.unwrap();
+        (res.status(), res.json().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn analytics_data_and_unstable_find_each_other_and_deregister() {
+        let dir = TempDir::new("run-three");
+        let (registry_url, mut events) = FakeRegistry::start(vec![]).await;
+        let shutdown = CancellationToken::new();
+        let options = ServiceOptions {
+            unstable: UnstableSettings {
+                failure_rate: 0.0,
+                delay_rate: 0.0,
+                seed: Some(1),
+                ..UnstableSettings::default()
+            },
+            ..ServiceOptions::default()
+        };
+
+        let mut started = Vec::new();
+        for kind in [
+            ServiceKind::Unstable,
+            ServiceKind::Data,
+            ServiceKind::Analytics,
+        ] {
+            let (port, task) =
+                start_with(kind, &registry_url, dir.path(), &shutdown, options.clone()).await;
+            assert_eq!(
+                next_event(&mut events).await,
+                RegistryEvent::Registered {
+                    name: kind.service_name().into(),
+                    port
+                }
+            );
+            started.push((kind, port, task));
+        }
+        let port_of = |wanted: ServiceKind| {
+            started
+                .iter()
+                .find(|(kind, _, _)| *kind == wanted)
+                .map(|(_, port, _)| *port)
+                .unwrap()
+        };
+        let (data_port, analytics_port) =
+            (port_of(ServiceKind::Data), port_of(ServiceKind::Analytics));
+        assert!(
+            dir.path()
+                .join(DATA_SHARD_DIR)
+                .join("shard-3-of-4.db")
+                .exists()
+        );
+        assert!(dir.path().join(analytics::DATABASE_FILE).exists());
+
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        // Data reaches unstable through discovery and stores its answer.
+        let (status, body) = get_json(&http, format!("http://127.0.0.1:{data_port}/")).await;
+        assert_eq!(status, reqwest::StatusCode::OK);
+        assert_eq!(body["source"], "upstream", "{body}");
+        assert_eq!(body["data"]["message"], "External service OK");
+        assert_eq!(body["instance"], format!("data-service-{data_port}"));
+        let id = body["id"].as_str().unwrap();
+        let (status, stored) =
+            get_json(&http, format!("http://127.0.0.1:{data_port}/data/{id}")).await;
+        assert_eq!(status, reqwest::StatusCode::OK);
+        assert_eq!(stored["data"], body["data"]);
+
+        // So does analytics, through its breaker; and the peer address is its client.
+        let (status, body) = get_json(
+            &http,
+            format!("http://127.0.0.1:{analytics_port}/api/external-data"),
+        )
+        .await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        assert_eq!(body["circuit_state"], "CLOSED");
+        let metric =
+            serde_json::json!({"timestamp": "2026-02-15T10:00:00Z", "value": 1, "type": "t"});
+        for n in 0..6 {
+            let res = http
+                .post(format!("http://127.0.0.1:{analytics_port}/api/metrics"))
+                .json(&metric)
+                .send()
+                .await
+                .unwrap();
+            let expected = if n < 5 { 201 } else { 429 };
+            assert_eq!(res.status().as_u16(), expected, "request {n}");
+        }
+
+        shutdown.cancel();
+        let mut gone = Vec::new();
+        for (_, _, task) in started {
+            task.await.unwrap().unwrap();
+            gone.push(next_event(&mut events).await);
+        }
+        assert_eq!(gone.len(), 3);
+        assert!(
+            gone.iter()
+                .all(|e| matches!(e, RegistryEvent::Deregistered { .. }))
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_settings_stop_the_start_and_name_the_setting() {
+        let dir = TempDir::new("bad-settings");
+        let data_dir = dir.path().join("never-created");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = ServiceConfig {
+            port: 1,
+            host: None,
+            registry_url: "http://127.0.0.1:1".into(),
+            data_dir: data_dir.clone(),
+            heartbeat_interval_secs: 30,
+            options: ServiceOptions {
+                data: DataSettings {
+                    shards: 1,
+                    ..DataSettings::default()
+                },
+                ..ServiceOptions::default()
+            },
+        };
+        let err = run(
+            ServiceKind::Data,
+            listener,
+            config,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        let ServiceError::Setting(setting) = err else {
+            panic!("expected a setting error, got {err}");
+        };
+        assert_eq!(setting.setting, "shards");
+        assert!(!data_dir.exists(), "nothing is created before the check");
     }
 }

@@ -1,21 +1,22 @@
 //! Where users and orders live. Handlers see only the [`UserStore`] and [`OrderStore`]
 //! traits, so SQL stays here and another database can join beside [`SqliteStore`].
 //!
-//! The SQLite file is shared by every users and orders process on the machine, so
-//! opening it must be safe when several processes do it at the same moment. The switch
-//! to WAL is retried while another opener holds the lock (SQLite will not wait for it);
-//! the schema and the seed data are written in one `BEGIN IMMEDIATE` transaction guarded
-//! by `PRAGMA user_version`, which makes later openers wait (busy timeout) and then find
-//! the work already done. Seeding happens once per file, so a deleted seed user stays
+//! The SQLite file is shared by every users and orders process on the machine; the
+//! database module opens it safely when several processes do so at the same moment and
+//! writes the schema and the seed data once per file, so a deleted seed user stays
 //! deleted across restarts.
+//!
+//! [`StorageError`] is shared by every store of the crate (users, orders, analytics
+//! metrics, data records).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, sqlite::SqliteRow};
+
+use crate::database::{self, Schema};
 
 /// A stored user, exactly the body the users contract returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,8 +87,8 @@ pub enum StorageError {
     Corrupt {
         /// The table holding the row.
         table: &'static str,
-        /// The row's id.
-        id: i64,
+        /// The row's id, as text (ids are integers or strings depending on the table).
+        id: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -138,12 +139,6 @@ pub trait OrderStore: Send + Sync {
     ) -> impl Future<Output = Result<Order, StorageError>> + Send;
 }
 
-/// How long a connection waits for another process's write lock before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The schema version this code writes; bump it and add a step to migrate.
-const SCHEMA_VERSION: i64 = 1;
-
 /// Version 1: the tables and the contract's seed data. Orders carry no foreign key to
 /// users on purpose: the two services own their data separately and may live in
 /// different databases; the orders service checks users over HTTP instead.
@@ -173,6 +168,12 @@ INSERT OR IGNORE INTO orders (id, user_id, products) VALUES
 PRAGMA user_version = 1;
 "#;
 
+/// The schema this code writes; bump the version and add a step to migrate.
+const SCHEMA: Schema = Schema {
+    version: 1,
+    script: SCHEMA_V1,
+};
+
 /// Users and orders in one SQLite file (WAL mode, so readers never wait for writers).
 /// Cheap to clone: clones share one connection pool.
 #[derive(Debug, Clone)]
@@ -185,91 +186,14 @@ impl SqliteStore {
     /// schema up to date and seeds it once. Safe to call from several processes at the
     /// same time.
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
-        // Switching a fresh file to WAL needs an exclusive lock that SQLite answers with
-        // SQLITE_BUSY at once instead of waiting out the busy timeout, so concurrent
-        // openers retry (with jitter, so they do not collide again) until the same
-        // deadline a busy timeout would give them.
-        let deadline = tokio::time::Instant::now() + BUSY_TIMEOUT;
-        let mut pause = Duration::from_millis(5);
-        loop {
-            match Self::try_open(path).await {
-                Err(err) if err.is_busy() && tokio::time::Instant::now() < deadline => {
-                    let jittered = pause.mul_f64(rand::random_range(0.5..1.5));
-                    tokio::time::sleep(jittered).await;
-                    pause = (pause * 2).min(Duration::from_millis(200));
-                }
-                result => return result,
-            }
-        }
-    }
-
-    async fn try_open(path: &Path) -> Result<Self, StorageError> {
-        // No journal mode here: each pooled connection would try to switch it again.
-        // WAL is a property of the file, set once below.
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .map_err(|source| StorageError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let store = Self { pool };
-        if let Err(e) = store.prepare().await {
-            store.pool.close().await;
-            return Err(StorageError::Schema(e));
-        }
-        Ok(store)
+        let pool = database::open(path, SCHEMA, 8).await?;
+        Ok(Self { pool })
     }
 
     /// Closes every connection; later calls fail. Lets a process finish its writes
     /// before it exits.
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-
-    async fn prepare(&self) -> Result<(), sqlx::Error> {
-        let mode: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
-            .fetch_one(&self.pool)
-            .await?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(%mode, "SQLite refused WAL mode; readers will wait for writers");
-        }
-        // IMMEDIATE takes the write lock at once: a deferred transaction that first reads
-        // the version and then writes could fail with SQLITE_BUSY without waiting.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
-            .fetch_one(&mut *tx)
-            .await?;
-        if version < SCHEMA_VERSION {
-            // `sqlx::query` runs every statement of the script on SQLite. Not `raw_sql`:
-            // its future is not `Send` for every lifetime, so `run` could not be spawned.
-            sqlx::query(SCHEMA_V1).execute(&mut *tx).await?;
-        }
-        tx.commit().await
-    }
-}
-
-impl StorageError {
-    /// Whether another connection held a lock SQLite would not wait for; worth retrying.
-    fn is_busy(&self) -> bool {
-        let source = match self {
-            Self::Open { source, .. } | Self::Schema(source) | Self::Database(source) => source,
-            Self::EmailTaken | Self::Corrupt { .. } => return false,
-        };
-        let sqlx::Error::Database(db) = source else {
-            return false;
-        };
-        // Primary result codes SQLITE_BUSY (5) and SQLITE_LOCKED (6), under any extended
-        // code (e.g. SQLITE_BUSY_RECOVERY).
-        db.code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| matches!(code & 0xff, 5 | 6))
     }
 }
 
@@ -283,7 +207,7 @@ fn user_from_row(row: &SqliteRow) -> Result<User, StorageError> {
         .transpose()
         .map_err(|_| StorageError::Corrupt {
             table: "users",
-            id,
+            id: id.to_string(),
             reason: "age out of range".into(),
         })?;
     Ok(User {
@@ -300,7 +224,7 @@ fn order_from_row(row: &SqliteRow) -> Result<Order, StorageError> {
     let products =
         serde_json::from_str::<Vec<String>>(&products).map_err(|e| StorageError::Corrupt {
             table: "orders",
-            id,
+            id: id.to_string(),
             reason: format!("products: {e}"),
         })?;
     Ok(Order {
@@ -597,11 +521,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             store.order(1).await,
-            Err(StorageError::Corrupt {
-                table: "orders",
-                id: 1,
-                ..
-            })
+            Err(StorageError::Corrupt { table: "orders", ref id, .. }) if id == "1"
         ));
     }
 
