@@ -1,10 +1,12 @@
 //! The aggregated endpoints: `/users`, `/orders/user/:userId` and `/users-with-orders`.
 //!
-//! Each asks the users and/or orders service through [`forward::send`] (so it gets the
-//! same discovery, balancing and failover as proxied calls) and wraps the answer with a
-//! `meta` block. When a service cannot answer (no instance, every try failed, a 5xx, or a
-//! body that is not the expected JSON), the seed's fallback data stands in and
-//! `meta.source` says `fallback`; a 4xx from a service is its own answer and is relayed.
+//! Each asks the users and/or orders service through [`stack::dispatch`] under the
+//! policy of the route that serves that path (so it gets the same discovery,
+//! balancing, retries, ejection and breaker as proxied calls) and wraps the answer with
+//! a `meta` block. When a service cannot answer (breaker open, no instance, every try
+//! failed, a 5xx, or a body that is not the expected JSON), the seed's fallback data
+//! stands in and `meta.source` says `fallback` (`meta.fallbackReason` names the cause,
+//! e.g. `breaker-open`); a 4xx from a service is its own answer and is relayed.
 
 use std::sync::Arc;
 
@@ -22,6 +24,8 @@ use tokio::task::JoinSet;
 use crate::errors::GatewayError;
 use crate::forward::{self, Outbound, REQUEST_ID};
 use crate::server::GatewayState;
+use crate::stack;
+use crate::trace::Trace;
 
 /// Registry name of the users service.
 pub const USER_SERVICE: &str = "user-service";
@@ -255,8 +259,16 @@ async fn fetch_items(
         service: service.to_owned(),
         cause,
     };
+    let (upstream, policy) = state.service_target(service, path);
     let path = PathAndQuery::try_from(path).map_err(|e| invalid(e.to_string()))?;
-    let res = forward::send(state, service, &Outbound::get(path, request_id)).await?;
+    let res = stack::dispatch(
+        state,
+        &upstream,
+        &policy,
+        Outbound::get(path, request_id),
+        &mut Trace::off(),
+    )
+    .await?;
     let status = res.status();
     if status.is_server_error() {
         return Err(GatewayError::UpstreamStatus {
@@ -270,7 +282,7 @@ async fn fetch_items(
     // The head arrived within the try timeout; the body gets as long again, so a service
     // that stalls mid-body cannot hold the composed answer forever.
     let body = tokio::time::timeout(
-        state.config().try_timeout,
+        policy.timeout.per_try,
         Limited::new(res.into_body(), MAX_SERVICE_BODY).collect(),
     )
     .await

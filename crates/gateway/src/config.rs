@@ -1,7 +1,17 @@
-//! What a gateway process is told at start: where it listens, where the registry is, and
-//! how long one try at an upstream may take.
+//! What a gateway process is told at start ([`GatewayConfig`]: where it listens, where
+//! the registry is, which config file it routes by) and that file, `breakwater.toml`
+//! ([`file`]: routes and per-route policies, validated into [`FileConfig`]).
+//!
+//! The file is read at start and again on every reload; [`EMBEDDED_CONFIG`] stands in
+//! when no path is given. Every validation error names its key path, e.g.
+//! `routes[2].policy.retries.max_attempts: must be >= 1 and <= 10 (got 0)`.
 
+pub mod file;
+
+use std::path::PathBuf;
 use std::time::Duration;
+
+pub use file::{FileConfig, RouteSpec};
 
 /// Port the gateway listens on unless told otherwise (seed 003).
 pub const DEFAULT_PORT: u16 = 8000;
@@ -9,11 +19,12 @@ pub const DEFAULT_PORT: u16 = 8000;
 pub const DEFAULT_REGISTRY_URL: &str = "http://127.0.0.1:3000";
 /// How often the gateway heartbeats to the registry unless told otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL_SECS: u64 = 10;
-/// How long one try at one instance may take until its response head arrives.
-pub const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The routes and policies used when no config file is given (CONTRACTS.md's gateway
+/// table with the default policies).
+pub const EMBEDDED_CONFIG: &str = include_str!("../breakwater.toml");
 
-/// The gateway's settings, already validated by [`GatewayConfig::validate`] when the
-/// gateway starts.
+/// The gateway's process settings, checked by [`GatewayConfig::validate`] when the
+/// gateway starts. Routes and policies live in the config file ([`FileConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
     /// Port to report in `/health` and to register with (the listener's real port wins
@@ -25,52 +36,98 @@ pub struct GatewayConfig {
     pub instance: String,
     /// Seconds between heartbeats to the registry.
     pub heartbeat_interval_secs: u64,
-    /// Deadline for one try at one upstream instance, up to its response head.
-    pub try_timeout: Duration,
+    /// Replaces `[defaults.timeout] per_try` of the config file when set (routes that
+    /// set their own keep it): the `--try-timeout` flag.
+    pub try_timeout: Option<Duration>,
     /// Where the dashboard's "Service Discovery Dashboard" link points; it can differ
     /// from `registry_url` when browsers see the registry under another address.
     pub registry_dashboard_url: String,
+    /// `breakwater.toml` to route by, re-read on every reload; `None`: the embedded
+    /// default ([`EMBEDDED_CONFIG`]).
+    pub config_path: Option<PathBuf>,
+    /// Bearer token for `/admin` (e.g. from `BREAKWATER_ADMIN_TOKEN`); wins over the
+    /// file's `admin.token`.
+    pub admin_token: Option<String>,
+    /// Whether the listener is bound to a loopback address only, so `/admin` needs no
+    /// token. [`crate::run`] sets it from the listener; off by default, the safe side.
+    pub listener_loopback: bool,
 }
 
 impl GatewayConfig {
     /// Defaults for everything but the port and the registry: instance
-    /// `api-gateway-<port>`, heartbeat every 10 s, 10 s per try, and the registry's own
-    /// dashboard at the registry URL.
+    /// `api-gateway-<port>`, heartbeat every 10 s, the embedded routes, no admin token,
+    /// and the registry's own dashboard at the registry URL.
     pub fn new(port: u16, registry_url: impl Into<String>) -> Self {
         let registry_url = registry_url.into().trim_end_matches('/').to_owned();
         Self {
             port,
             instance: instance_name(port),
             heartbeat_interval_secs: DEFAULT_HEARTBEAT_INTERVAL_SECS,
-            try_timeout: DEFAULT_TRY_TIMEOUT,
+            try_timeout: None,
             registry_dashboard_url: format!("{registry_url}/"),
             registry_url,
+            config_path: None,
+            admin_token: None,
+            listener_loopback: false,
         }
     }
 
-    /// Checks the values a typo could break, naming the offending key.
+    /// Checks the values a typo could break, naming the offending key. The config file
+    /// is checked by [`GatewayConfig::load_file`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_http_url("registry_url", &self.registry_url)?;
         check_http_url("registry_dashboard_url", &self.registry_dashboard_url)?;
         if self.instance.trim().is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "instance",
-                reason: "must not be empty".into(),
-            });
+            return Err(ConfigError::invalid("instance", "must not be empty"));
         }
         if self.heartbeat_interval_secs == 0 {
-            return Err(ConfigError::Invalid {
-                key: "heartbeat_interval_secs",
-                reason: "must be at least 1".into(),
-            });
+            return Err(ConfigError::invalid(
+                "heartbeat_interval_secs",
+                "must be at least 1",
+            ));
         }
-        if self.try_timeout.is_zero() {
-            return Err(ConfigError::Invalid {
-                key: "try_timeout",
-                reason: "must be longer than zero".into(),
-            });
+        if self.try_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::invalid(
+                "try_timeout",
+                "must be longer than zero",
+            ));
+        }
+        if let Some(token) = &self.admin_token
+            && (token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ConfigError::invalid(
+                "admin_token",
+                "must be printable ASCII without spaces",
+            ));
         }
         Ok(())
+    }
+
+    /// Reads and validates the config file (or the embedded default), applying
+    /// [`GatewayConfig::try_timeout`]. Blocking file I/O: call it off the async workers
+    /// (start-up, or `spawn_blocking`).
+    pub fn load_file(&self) -> Result<FileConfig, ConfigError> {
+        match &self.config_path {
+            None => self.parse_file(EMBEDDED_CONFIG, "embedded breakwater.toml"),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                    path: path.clone(),
+                    cause: e.to_string(),
+                })?;
+                self.parse_file(&text, &path.display().to_string())
+            }
+        }
+    }
+
+    /// Validates `text` as a config file, applying [`GatewayConfig::try_timeout`];
+    /// `origin` names it in syntax errors.
+    pub fn parse_file(&self, text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+        file::parse(text, origin, self.try_timeout)
+    }
+
+    /// The admin token in force: this config's, else the file's.
+    pub fn effective_admin_token<'a>(&'a self, file: &'a FileConfig) -> Option<&'a str> {
+        self.admin_token.as_deref().or(file.admin_token.as_deref())
     }
 
     /// Moves the config to the port the listener really got (port 0 binds pick one),
@@ -98,30 +155,56 @@ fn instance_name(port: u16) -> String {
 }
 
 fn check_http_url(key: &'static str, value: &str) -> Result<(), ConfigError> {
-    let uri: http::Uri = value.parse().map_err(|e| ConfigError::Invalid {
-        key,
-        reason: format!("{value:?} is not a URL: {e}"),
-    })?;
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| ConfigError::invalid(key, format!("{value:?} is not a URL: {e}")))?;
     if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(ConfigError::Invalid {
+        return Err(ConfigError::invalid(
             key,
-            reason: format!("{value:?} must look like http://host:port"),
-        });
+            format!("{value:?} must look like http://host:port"),
+        ));
     }
     Ok(())
 }
 
-/// A setting the gateway cannot start with.
+/// A setting or config file the gateway cannot run with. The CLI exits 64 on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// `key` has a value that cannot work, for `reason`.
-    #[error("invalid {key}: {reason}")]
+    /// `key` (a dotted path such as `routes[2].policy.retries.max_attempts`) has a
+    /// value that cannot work, for `reason`.
+    #[error("{key}: {reason}")]
     Invalid {
-        /// The setting's name.
-        key: &'static str,
+        /// The setting's key path.
+        key: String,
         /// What is wrong with it.
         reason: String,
     },
+    /// The config file could not be read.
+    #[error("cannot read {}: {cause}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        cause: String,
+    },
+    /// The config file is not valid TOML or has a key the gateway does not know.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// The file (or "embedded breakwater.toml").
+        origin: String,
+        /// The parser's message, with line, column and the offending key.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// An [`ConfigError::Invalid`] for `key`.
+    pub fn invalid(key: &str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.to_owned(),
+            reason: reason.into(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -135,7 +218,12 @@ mod tests {
         assert_eq!(c.instance, "api-gateway-8000");
         assert_eq!(c.registry_url, "http://127.0.0.1:3000");
         assert_eq!(c.registry_dashboard_url, "http://127.0.0.1:3000/");
-        assert_eq!(c.try_timeout, Duration::from_secs(10));
+        assert_eq!(c.try_timeout, None);
+        assert_eq!(c.config_path, None);
+        assert!(
+            !c.listener_loopback,
+            "admin is locked until run() sees a loopback listener"
+        );
         assert_eq!(c.validate(), Ok(()));
     }
 
@@ -160,7 +248,7 @@ mod tests {
             "no TLS client yet, so https must be refused"
         );
         c = GatewayConfig::default();
-        c.try_timeout = Duration::ZERO;
+        c.try_timeout = Some(Duration::ZERO);
         assert!(
             c.validate()
                 .unwrap_err()

@@ -4,6 +4,8 @@
 //! `x-breakwater-error: <cause>`, so a client, a log reader or a test can tell "the users
 //! service said 503" from "the gateway found no users service".
 
+use std::time::Duration;
+
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use breakwater_runtime::http::{ApiError, method_not_allowed, not_found};
@@ -11,8 +13,8 @@ use breakwater_runtime::http::{ApiError, method_not_allowed, not_found};
 /// Header naming the cause of a gateway-made error.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-breakwater-error");
 
-/// Seconds a client is told to wait before retrying a 503.
-const RETRY_AFTER_SECS: &str = "1";
+/// What a client is told to wait before retrying a 503 that has no better estimate.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Why the gateway could not give a client the upstream's answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,17 +65,25 @@ pub enum GatewayError {
         /// Its status.
         status: StatusCode,
     },
-    /// Every try ran out of time before a response head arrived.
+    /// The last try ran out of its per-try time before a response head arrived.
     #[error("Upstream timed out")]
     Timeout {
         /// The service asked for.
         service: String,
     },
-    /// The client's body is over the cap the gateway buffers for replay.
-    #[error("Request body too large (limit {limit} bytes)")]
-    BodyTooLarge {
-        /// The cap in bytes.
-        limit: usize,
+    /// The request's total deadline passed before a response head arrived.
+    #[error("Deadline exceeded waiting for {service}")]
+    DeadlineExceeded {
+        /// The service asked for.
+        service: String,
+    },
+    /// The service's circuit breaker is open (or half-open with its probes taken).
+    #[error("Service {service} is unavailable (circuit breaker open)")]
+    BreakerOpen {
+        /// The service asked for.
+        service: String,
+        /// When the breaker will admit a call again.
+        retry_after: Duration,
     },
     /// The client's body could not be read (it disconnected or sent bad framing).
     #[error("Could not read request body: {cause}")]
@@ -100,15 +110,14 @@ impl GatewayError {
     /// The status a client gets for this failure.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NoInstance { .. } | Self::RegistryUnreachable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoInstance { .. }
+            | Self::RegistryUnreachable { .. }
+            | Self::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. }
             | Self::Protocol { .. }
             | Self::InvalidResponse { .. }
             | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
-            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout { .. } | Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyUnreadable { .. } | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
         }
     }
@@ -124,11 +133,34 @@ impl GatewayError {
             Self::InvalidResponse { .. } => "invalid-response",
             Self::UpstreamStatus { .. } => "upstream-status",
             Self::Timeout { .. } => "timeout",
-            Self::BodyTooLarge { .. } => "body-too-large",
+            Self::DeadlineExceeded { .. } => "deadline",
+            Self::BreakerOpen { .. } => "breaker-open",
             Self::BodyUnreadable { .. } => "body-unreadable",
             Self::BadRequest { .. } => "bad-request",
         }
     }
+
+    /// How long a client should wait before trying again, for the 503s.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::BreakerOpen { retry_after, .. } => Some(*retry_after),
+            _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(DEFAULT_RETRY_AFTER),
+            _ => None,
+        }
+    }
+
+    /// Whether the failure is on the upstream side (so a route's fallback may stand in
+    /// for it), rather than the client's request.
+    pub fn is_upstream_failure(&self) -> bool {
+        self.status().is_server_error()
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1 (a client must not be told
+/// "retry now" by a gateway that is refusing it).
+pub fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
 }
 
 impl IntoResponse for GatewayError {
@@ -140,14 +172,12 @@ impl IntoResponse for GatewayError {
             tracing::debug!(cause = self.cause(), error = %self, "request refused");
         }
         let cause = self.cause();
+        let retry_after = self.retry_after();
         let mut res = ApiError::new(status, self.to_string()).into_response();
         let headers = res.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(cause));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
+        if let Some(wait) = retry_after {
+            headers.insert(header::RETRY_AFTER, retry_after_value(wait));
         }
         res
     }
@@ -224,9 +254,11 @@ mod tests {
                 "protocol",
             ),
             (
-                GatewayError::BodyTooLarge { limit: 1 },
-                413,
-                "body-too-large",
+                GatewayError::DeadlineExceeded {
+                    service: "s".into(),
+                },
+                504,
+                "deadline",
             ),
             (
                 GatewayError::bad_request("Invalid user ID"),
@@ -257,6 +289,21 @@ mod tests {
             .to_string()
             .starts_with("Bad gateway: ")
         );
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_is_a_503_with_its_wait_rounded_up() {
+        let res = GatewayError::BreakerOpen {
+            service: "user-service".into(),
+            retry_after: Duration::from_millis(2500),
+        }
+        .into_response();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(res.headers()[ERROR_HEADER], "breaker-open");
+        assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
+        assert_eq!(retry_after_value(Duration::ZERO), "1");
+        assert_eq!(retry_after_value(Duration::from_secs(30)), "30");
     }
 
     #[tokio::test]

@@ -1,47 +1,51 @@
-//! Sending a request on to an upstream instance and its answer back.
+//! Sending one try of a request to one endpoint, and its answer back.
 //!
-//! - The client's body is read once into [`Bytes`] (capped at [`MAX_REQUEST_BODY`]) so
-//!   that a failed try can be replayed on the next instance; the upstream's body is
-//!   streamed back untouched.
+//! - The client's body is kept in memory (for replay on another endpoint) when it is at
+//!   most [`REPLAY_LIMIT`]; a larger one is streamed through, untouched and unbuffered,
+//!   and such a request gets one try only. The upstream's body is always streamed.
 //! - Hop-by-hop headers are stripped both ways; `Host` names the upstream;
 //!   `X-Forwarded-For/-Proto/-Host` tell it who asked; `x-request-id` follows the request
 //!   through every hop and comes back on the response.
-//! - [`send`] resolves the service, walks the instances [`crate::balance`] orders, and
-//!   fails over: on a connect error for any method (nothing was sent), and for idempotent
-//!   methods also on a broken connection or a per-try timeout before the response head.
+//! - [`send_once`] makes one try with a timeout and says what went wrong, if anything;
+//!   retries, balancing and classification are [`crate::stack`]'s.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, HOST};
-use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
+use axum::http::uri::{PathAndQuery, Scheme};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version, request};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use breakwater_registry::client::DiscoveryError;
-use breakwater_registry::wire::Instance;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use axum::response::Response;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::balance::MAX_TRIES;
+use crate::classify::{AttemptKind, Replay};
 use crate::errors::GatewayError;
-use crate::server::GatewayState;
+use crate::upstream::Endpoint;
 
-/// Largest request body the gateway buffers (it must hold it to replay it on failover).
-pub const MAX_REQUEST_BODY: usize = 1 << 20;
+/// Largest request body kept in memory for replay; larger ones stream, one try only.
+pub const REPLAY_LIMIT: usize = 64 << 10;
 
 /// The header that carries a request's id through every hop.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The header that makes a POST or PATCH safe to retry.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// A request body on its way upstream: kept bytes, or the client's stream.
+pub type UpstreamBody = Either<Full<Bytes>, Body>;
+
 /// The pooled upstream client: one per gateway, shared by every request.
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -64,37 +68,52 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Idle pooled connections kept per endpoint: enough for a busy gateway's concurrency,
+/// bounded so a burst does not leave thousands of sockets open.
+const POOL_MAX_IDLE_PER_HOST: usize = 256;
+
 /// A connect that takes longer than this is treated as a dead instance, so that even a
-/// non-idempotent request (which is only failed over when nothing was sent) moves on
+/// non-idempotent request (which is only retried when nothing was sent) moves on
 /// quickly from a black-holed address instead of spending its whole try there.
-const CONNECT_TIMEOUT_CAP: Duration = Duration::from_secs(2);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest client-supplied request id the gateway passes on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Builds the gateway's one upstream client: HTTP/1.1, `TCP_NODELAY`, idle connections
-/// kept for 30 s, connects bounded by the smaller of `try_timeout` and 2 s.
-pub fn upstream_client(try_timeout: Duration) -> UpstreamClient {
+/// kept for 30 s, connects bounded by [`CONNECT_TIMEOUT`] (a try's own timeout may cut
+/// them sooner).
+pub fn upstream_client() -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(try_timeout.min(CONNECT_TIMEOUT_CAP)));
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
         .pool_timer(TokioTimer::new())
         .build(connector)
 }
 
-/// A request ready to go to any instance of a service; cheap to clone and replay.
-#[derive(Debug, Clone)]
+/// A request's body as the gateway holds it.
+#[derive(Debug)]
+pub enum OutboundBody {
+    /// Kept whole: can be sent any number of times.
+    Kept(Bytes),
+    /// Streamed from the client: can be sent once (then `None`).
+    Streamed(Option<Body>),
+}
+
+/// A request ready to go to any endpoint of a service.
+#[derive(Debug)]
 pub struct Outbound {
     /// The client's method.
     pub method: Method,
-    /// The client's path and query, unchanged.
+    /// The path and query the upstream gets (after the route's rewrite).
     pub path_and_query: PathAndQuery,
-    /// End-to-end headers only; `Host` is set per instance.
+    /// End-to-end headers only; `Host` is set per endpoint.
     pub headers: HeaderMap,
-    /// The whole request body.
-    pub body: Bytes,
+    /// The body.
+    pub body: OutboundBody,
 }
 
 impl Outbound {
@@ -110,56 +129,24 @@ impl Outbound {
             method: Method::GET,
             path_and_query,
             headers,
-            body: Bytes::new(),
+            body: OutboundBody::Kept(Bytes::new()),
         }
     }
 
-    /// Turns a client's request into an outbound one: reads the body (413 past
-    /// [`MAX_REQUEST_BODY`]), strips hop-by-hop headers, adds `X-Forwarded-*`.
-    pub async fn from_client(req: Request) -> Result<Self, GatewayError> {
-        let (parts, body) = req.into_parts();
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        if has_dot_segment(path_and_query.path()) {
-            // The upstream might normalise what the gateway routed by prefix, so a
-            // `/users/../admin` could land outside the service's routes.
-            return Err(GatewayError::bad_request(
-                "Invalid path: dot segments are not allowed",
-            ));
-        }
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > MAX_REQUEST_BODY as u64) {
-            return Err(GatewayError::BodyTooLarge {
-                limit: MAX_REQUEST_BODY,
-            });
-        }
-        let body = Limited::new(body, MAX_REQUEST_BODY)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<LengthLimitError>() {
-                    GatewayError::BodyTooLarge {
-                        limit: MAX_REQUEST_BODY,
-                    }
-                } else {
-                    GatewayError::BodyUnreadable {
-                        cause: error_chain(&*e),
-                    }
-                }
-            })?
-            .to_bytes();
-
+    /// Turns a client's request into an outbound one for `path_and_query` (the route's
+    /// rewrite of the client's): keeps a body of at most [`REPLAY_LIMIT`] bytes, streams a
+    /// larger one, strips hop-by-hop headers, adds `X-Forwarded-*`.
+    pub async fn from_client(
+        parts: request::Parts,
+        body: Body,
+        path_and_query: PathAndQuery,
+    ) -> Result<Self, GatewayError> {
+        let body = read_body(&parts.headers, body).await?;
         let request_id = parts.headers.get(REQUEST_ID).cloned();
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
-        // hyper frames the replayed body itself; a stale length must not travel on.
+        // hyper frames the body itself (length for kept bodies, the client's length or
+        // chunks for streamed ones); a stale length must not travel on.
         headers.remove(CONTENT_LENGTH);
         let original_host = headers.remove(HOST).or_else(|| {
             parts
@@ -186,157 +173,187 @@ impl Outbound {
         })
     }
 
-    /// Whether a failed try may be repeated on another instance even after the request
-    /// may have reached the first one.
-    pub fn is_idempotent(&self) -> bool {
-        self.method.is_idempotent()
+    /// How much of this request may be sent again.
+    pub fn replay(&self) -> Replay {
+        Replay::for_request(
+            &self.method,
+            self.headers.contains_key(IDEMPOTENCY_KEY),
+            matches!(self.body, OutboundBody::Kept(_)),
+        )
+    }
+
+    /// The request for one try at `endpoint`. `last` moves the headers instead of
+    /// copying them (no try follows). `None` when a streamed body was already sent.
+    fn request_for(
+        &mut self,
+        endpoint: &Endpoint,
+        last: bool,
+    ) -> Option<hyper::Request<UpstreamBody>> {
+        let body = match &mut self.body {
+            OutboundBody::Kept(bytes) => Either::Left(Full::new(bytes.clone())),
+            OutboundBody::Streamed(stream) => Either::Right(stream.take()?),
+        };
+        let mut uri = axum::http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(endpoint.authority.clone());
+        uri.path_and_query = Some(self.path_and_query.clone());
+        let uri = Uri::from_parts(uri).ok()?;
+        let mut req = hyper::Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.version_mut() = Version::HTTP_11;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = if last {
+            std::mem::take(&mut self.headers)
+        } else {
+            self.headers.clone()
+        };
+        req.headers_mut().insert(HOST, endpoint.host_header.clone());
+        Some(req)
     }
 }
 
-/// Sends `outbound` to an instance of `service`, failing over to the next instance as
-/// described in the module docs. The response head has arrived; its body streams.
-pub async fn send(
-    state: &GatewayState,
-    service: &str,
-    outbound: &Outbound,
-) -> Result<hyper::Response<Incoming>, GatewayError> {
-    let instances = resolve(state, service).await?;
-    let idempotent = outbound.is_idempotent();
-    let tries = instances.len().min(MAX_TRIES);
-    let mut last_failure = None;
-    for (attempt, index) in state
-        .balancer()
-        .order(service, instances.len(), MAX_TRIES)
-        .enumerate()
-    {
-        let Some(instance) = instances.get(index) else {
-            break;
-        };
-        match try_instance(state, instance, outbound).await {
-            Ok(res) => return Ok(res),
-            Err(failure) => {
-                let failover = failure.allows_failover(idempotent) && attempt + 1 < tries;
-                if failover {
-                    tracing::warn!(
-                        service,
-                        instance = %instance.id,
-                        method = %outbound.method,
-                        error = %failure,
-                        "instance failed; failing over to the next one"
-                    );
-                } else {
-                    tracing::debug!(
-                        service,
-                        instance = %instance.id,
-                        method = %outbound.method,
-                        error = %failure,
-                        "instance failed; no further try"
-                    );
-                }
-                last_failure = Some(failure);
-                if !failover {
-                    break;
+/// Reads the client's body: empty and small bodies are kept, a body declared (or found)
+/// larger than [`REPLAY_LIMIT`] is streamed on, with what was read so far in front.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<OutboundBody, GatewayError> {
+    use hyper::body::Body as _;
+    if body.is_end_stream() {
+        return Ok(OutboundBody::Kept(Bytes::new()));
+    }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > REPLAY_LIMIT as u64) {
+        return Ok(OutboundBody::Streamed(Some(body)));
+    }
+    let mut body = body;
+    let mut kept = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(OutboundBody::Kept(kept.freeze())),
+            Some(Err(e)) => {
+                return Err(GatewayError::BodyUnreadable {
+                    cause: error_chain(&e),
+                });
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    // Trailers: rare on requests; the kept body is complete without them.
+                    continue;
+                };
+                kept.extend_from_slice(&data);
+                if kept.len() > REPLAY_LIMIT {
+                    let prefix = kept.freeze();
+                    return Ok(OutboundBody::Streamed(Some(Body::new(Prefixed {
+                        prefix: Some(prefix),
+                        rest: body,
+                    }))));
                 }
             }
         }
     }
-    Err(match last_failure {
-        Some(failure) => failure.into_error(service),
-        None => GatewayError::NoInstance {
-            service: service.to_owned(),
-        },
-    })
 }
 
-/// The live instances of `service` as discovery knows them.
-async fn resolve(state: &GatewayState, service: &str) -> Result<Arc<[Instance]>, GatewayError> {
-    match state.discovery().resolve(service).await {
-        Ok(list) if list.is_empty() => Err(GatewayError::NoInstance {
-            service: service.to_owned(),
-        }),
-        Ok(list) => Ok(list),
-        Err(DiscoveryError::NoInstances { .. }) => Err(GatewayError::NoInstance {
-            service: service.to_owned(),
-        }),
-        Err(DiscoveryError::Unavailable { source, .. }) => Err(GatewayError::RegistryUnreachable {
-            service: service.to_owned(),
-            cause: error_chain(&source),
-        }),
+/// A body whose first bytes were already read: those, then the rest of the stream.
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Body,
+}
+
+impl hyper::body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.rest.size_hint();
+        let extra = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        hint.set_lower(hint.lower().saturating_add(extra));
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(extra));
+        }
+        hint
     }
 }
 
-/// Why one try at one instance failed.
-#[derive(Debug)]
-enum TryFailure {
+/// Why one try at one endpoint ended without a response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TryError {
     /// No connection was made, so the request was not sent.
     Connect(String),
     /// The connection broke or spoke nonsense before a response head arrived; the
     /// upstream may have seen the request.
-    Transport(String),
-    /// No response head within the per-try timeout.
+    Protocol(String),
+    /// No response head within the try's time.
     Timeout,
+    /// A streamed body was already sent by an earlier try (never happens when the
+    /// caller follows [`Outbound::replay`]).
+    BodyGone,
 }
 
-impl TryFailure {
-    fn allows_failover(&self, idempotent: bool) -> bool {
-        matches!(self, Self::Connect(_)) || idempotent
+impl TryError {
+    /// The classification kind of this failure.
+    pub fn kind(&self) -> AttemptKind {
+        match self {
+            Self::Connect(_) | Self::BodyGone => AttemptKind::ConnectError,
+            Self::Protocol(_) => AttemptKind::ProtocolError,
+            Self::Timeout => AttemptKind::Timeout,
+        }
     }
 
-    fn into_error(self, service: &str) -> GatewayError {
+    /// The client-facing error when this was the last try at `service`.
+    pub fn into_error(self, service: &str) -> GatewayError {
         let service = service.to_owned();
         match self {
             Self::Connect(cause) => GatewayError::Connect { service, cause },
-            Self::Transport(cause) => GatewayError::Protocol { service, cause },
+            Self::BodyGone => GatewayError::Connect {
+                service,
+                cause: "the streamed request body was already sent".to_owned(),
+            },
+            Self::Protocol(cause) => GatewayError::Protocol { service, cause },
             Self::Timeout => GatewayError::Timeout { service },
         }
     }
 }
 
-impl std::fmt::Display for TryFailure {
+impl std::fmt::Display for TryError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Connect(cause) => write!(f, "connect: {cause}"),
-            Self::Transport(cause) => write!(f, "transport: {cause}"),
+            Self::Protocol(cause) => write!(f, "transport: {cause}"),
             Self::Timeout => f.write_str("timed out"),
+            Self::BodyGone => f.write_str("body already sent"),
         }
     }
 }
 
-async fn try_instance(
-    state: &GatewayState,
-    instance: &Instance,
-    outbound: &Outbound,
-) -> Result<hyper::Response<Incoming>, TryFailure> {
-    let uri: Uri = format!("{}{}", instance.base_url(), outbound.path_and_query)
-        .parse()
-        .map_err(|e| TryFailure::Connect(format!("instance address is not a URL: {e}")))?;
-    let mut req = hyper::Request::new(Full::new(outbound.body.clone()));
-    *req.method_mut() = outbound.method.clone();
-    *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = outbound.headers.clone();
-    if let Some(host) = uri
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        req.headers_mut().insert(HOST, host);
-    }
-    *req.uri_mut() = uri;
-    match tokio::time::timeout(state.config().try_timeout, state.client().request(req)).await {
-        Err(_elapsed) => Err(TryFailure::Timeout),
-        Ok(Err(e)) if e.is_connect() => Err(TryFailure::Connect(error_chain(&e))),
-        Ok(Err(e)) => Err(TryFailure::Transport(error_chain(&e))),
+/// One try of `outbound` at `endpoint`, waiting at most `timeout` for the response head.
+/// `last` says no try follows (the headers are moved, not copied).
+pub async fn send_once(
+    client: &UpstreamClient,
+    endpoint: &Endpoint,
+    outbound: &mut Outbound,
+    timeout: Duration,
+    last: bool,
+) -> Result<hyper::Response<Incoming>, TryError> {
+    let Some(req) = outbound.request_for(endpoint, last) else {
+        return Err(TryError::BodyGone);
+    };
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_elapsed) => Err(TryError::Timeout),
+        Ok(Err(e)) if e.is_connect() => Err(TryError::Connect(error_chain(&e))),
+        Ok(Err(e)) => Err(TryError::Protocol(error_chain(&e))),
         Ok(Ok(res)) => Ok(res),
     }
-}
-
-/// The proxy route: sends the client's request to `service` and streams its answer back.
-pub async fn proxy(state: GatewayState, service: &'static str, req: Request) -> Response {
-    let relayed = async {
-        let outbound = Outbound::from_client(req).await?;
-        let res = send(&state, service, &outbound).await?;
-        Ok::<_, GatewayError>(client_response(res))
-    };
-    relayed.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// The upstream's response as the client gets it: hop-by-hop headers gone, body streamed.
@@ -400,8 +417,14 @@ pub async fn tag_request_id(mut req: Request, next: Next) -> Response {
 
 /// A fresh request id: 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let id = format!("{:032x}", rand::random::<u128>());
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut id = [0_u8; 32];
+    for digit in id.iter_mut().rev() {
+        *digit = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// A client's id is passed on only if it is short, printable ASCII without spaces, so it
@@ -411,7 +434,10 @@ fn usable_request_id(v: &HeaderValue) -> bool {
     !bytes.is_empty() && bytes.len() <= MAX_REQUEST_ID_LEN && bytes.iter().all(u8::is_ascii_graphic)
 }
 
-fn has_dot_segment(path: &str) -> bool {
+/// Whether `path` has a `.` or `..` segment (also percent-encoded): the upstream might
+/// normalise what the gateway routed by prefix, so `/users/../admin` could land outside
+/// the service's routes.
+pub fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
         decoded == "." || decoded == ".."
@@ -491,12 +517,48 @@ mod tests {
         assert!(!has_dot_segment("/users"));
     }
 
-    #[test]
-    fn only_connect_failures_fail_over_a_post() {
-        assert!(TryFailure::Connect("refused".into()).allows_failover(false));
-        assert!(!TryFailure::Transport("reset".into()).allows_failover(false));
-        assert!(!TryFailure::Timeout.allows_failover(false));
-        assert!(TryFailure::Transport("reset".into()).allows_failover(true));
-        assert!(TryFailure::Timeout.allows_failover(true));
+    #[tokio::test]
+    async fn small_bodies_are_kept_and_large_ones_streamed_whole() {
+        let kept = read_body(&HeaderMap::new(), Body::from(vec![b'a'; REPLAY_LIMIT]))
+            .await
+            .unwrap();
+        assert!(matches!(kept, OutboundBody::Kept(ref b) if b.len() == REPLAY_LIMIT));
+
+        let mut declared = HeaderMap::new();
+        declared.insert(CONTENT_LENGTH, HeaderValue::from(REPLAY_LIMIT + 1));
+        let streamed = read_body(&declared, Body::from(vec![b'b'; REPLAY_LIMIT + 1]))
+            .await
+            .unwrap();
+        assert!(matches!(streamed, OutboundBody::Streamed(Some(_))));
+
+        // Without a declared length, the part read to find out is sent first.
+        let body = Body::new(Pieces(
+            (0..3)
+                .map(|i| Bytes::from(vec![b'0' + i; 40 << 10]))
+                .collect(),
+        ));
+        let OutboundBody::Streamed(Some(stream)) =
+            read_body(&HeaderMap::new(), body).await.unwrap()
+        else {
+            panic!("a 120 KiB body must stream");
+        };
+        let all = stream.collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 120 << 10);
+        assert!(all[..40 << 10].iter().all(|&b| b == b'0'));
+        assert!(all[80 << 10..].iter().all(|&b| b == b'2'));
+    }
+
+    /// A body of pieces with no length known in advance, as a chunked upload is.
+    struct Pieces(std::collections::VecDeque<Bytes>);
+
+    impl hyper::body::Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
     }
 }

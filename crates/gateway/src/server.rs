@@ -1,27 +1,46 @@
-//! The gateway's shared state, its router, and `run`, which serves it and keeps it
-//! registered.
+//! The gateway's shared state, its router, reloading, and `run`, which serves it and
+//! keeps it registered.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
-use axum::middleware;
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::{MethodRouter, any, get};
 use breakwater_registry::client::{CachePolicy, Discovery, RegistryClient, spawn_registration};
 use breakwater_registry::wire::RegisterRequest;
+use breakwater_resilience::breaker::Transition;
 use breakwater_runtime::CancellationToken;
 use breakwater_runtime::serve::{DEFAULT_DRAIN, serve};
+use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tower_http::cors::CorsLayer;
 
-use crate::balance::RoundRobin;
-use crate::compose::{self, ORDER_SERVICE, USER_SERVICE};
-use crate::config::GatewayConfig;
+use crate::cache::ResponseCache;
+use crate::compose;
+use crate::config::{ConfigError, FileConfig, GatewayConfig};
 use crate::dashboard;
 use crate::errors;
+use crate::events::{Event, EventHub};
 use crate::forward::{self, UpstreamClient};
 use crate::health::{self, GATEWAY_SERVICE};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::route::RouteTable;
+use crate::stack::{self, RouteLabel};
+use crate::upstream::{EjectionChange, Upstream, UpstreamObserver, Upstreams};
+
+/// Responses the gateway's cache holds at most.
+const CACHE_ENTRIES: u64 = 10_000;
+/// Largest response body the cache stores.
+const CACHE_MAX_BODY: usize = 1 << 20;
+/// How often rate limiters forget idle clients.
+const LIMITER_SWEEP: Duration = Duration::from_secs(60);
 
 /// Everything a request handler needs. Cheap to clone (one `Arc` inside).
 #[derive(Debug, Clone)]
@@ -34,29 +53,56 @@ struct Shared {
     config: GatewayConfig,
     discovery: Discovery,
     client: UpstreamClient,
-    balancer: RoundRobin,
+    upstreams: Upstreams,
+    routes: ArcSwap<RouteTable>,
+    metrics: Arc<Metrics>,
+    events: Arc<EventHub>,
+    cache: ResponseCache,
     dashboard_page: String,
+    /// Serialises reloads, so two at once cannot interleave their table builds.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl GatewayState {
     /// State for `config`, discovering through the registry at `config.registry_url`
-    /// with the default cache policy.
-    pub fn new(config: GatewayConfig) -> Self {
+    /// with the default cache policy, routing by the config file (read now).
+    pub fn new(config: GatewayConfig) -> Result<Self, ConfigError> {
         let registry = RegistryClient::new(config.registry_url.clone());
         Self::with_discovery(config, Discovery::new(registry, CachePolicy::default()))
     }
 
     /// State using a discovery the caller built (another cache policy, a shared one).
-    pub fn with_discovery(config: GatewayConfig, discovery: Discovery) -> Self {
-        let client = forward::upstream_client(config.try_timeout);
+    pub fn with_discovery(
+        config: GatewayConfig,
+        discovery: Discovery,
+    ) -> Result<Self, ConfigError> {
+        let file = config.load_file()?;
+        Ok(Self::with_file(config, discovery, file))
+    }
+
+    /// State routing by an already validated config file.
+    pub fn with_file(config: GatewayConfig, discovery: Discovery, file: FileConfig) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        let events = Arc::new(EventHub::new());
+        let observer = Arc::new(GatewayObserver {
+            metrics: Arc::clone(&metrics),
+            events: Arc::clone(&events),
+        });
+        let upstreams = Upstreams::new(observer);
+        let routes = RouteTable::build(file, &upstreams, None);
         let dashboard_page = dashboard::render(&config);
         Self {
             inner: Arc::new(Shared {
                 config,
                 discovery,
-                client,
-                balancer: RoundRobin::new(),
+                client: forward::upstream_client(),
+                upstreams,
+                routes: ArcSwap::from_pointee(routes),
+                metrics,
+                events,
+                cache: ResponseCache::new(CACHE_ENTRIES, CACHE_MAX_BODY),
                 dashboard_page,
+                reloading: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -76,20 +122,189 @@ impl GatewayState {
         &self.inner.client
     }
 
-    /// Round-robin cursors per service.
-    pub fn balancer(&self) -> &RoundRobin {
-        &self.inner.balancer
+    /// The route table in force. A request keeps the one it started with.
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.inner.routes.load_full()
+    }
+
+    /// Every service's upstream state.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.inner.upstreams
+    }
+
+    /// The gateway's Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The admin event stream's hub.
+    pub fn events(&self) -> &EventHub {
+        &self.inner.events
+    }
+
+    /// The GET response cache.
+    pub fn cache(&self) -> &ResponseCache {
+        &self.inner.cache
     }
 
     /// The rendered dashboard page.
     pub fn dashboard_page(&self) -> &str {
         &self.inner.dashboard_page
     }
+
+    /// Where a gateway-made call to `service` for `path` goes and under which policy:
+    /// the route that would serve `path` if it reaches `service`, else the first route
+    /// to `service`, else the `[defaults]` policy.
+    pub fn service_target(&self, service: &str, path: &str) -> (Arc<Upstream>, Policy) {
+        let table = self.routes();
+        let route = match table.find(&axum::http::Method::GET, path) {
+            crate::route::RouteMatch::Found(r) if r.spec.service == service => Some(r),
+            _ => table
+                .routes()
+                .iter()
+                .filter(|r| r.spec.service == service)
+                .min_by_key(|r| r.index),
+        };
+        match route {
+            Some(r) => (Arc::clone(&r.upstream), r.spec.policy.clone()),
+            None => {
+                let policy = table.file().defaults.clone();
+                let upstream = self.inner.upstreams.get_or_create(service, &policy.service);
+                (upstream, policy)
+            }
+        }
+    }
+
+    /// The admin token in force (the process's, else the current file's).
+    pub fn admin_token(&self) -> Option<String> {
+        let table = self.inner.routes.load();
+        self.inner
+            .config
+            .effective_admin_token(table.file())
+            .map(str::to_owned)
+    }
+
+    /// Re-reads the config file (or the embedded default) and swaps in a new route
+    /// table. Connections and requests in flight are untouched: each request keeps the
+    /// table it started with. A file that does not validate changes nothing and is the
+    /// error. Cached responses are dropped, since routes may now lead elsewhere.
+    pub async fn reload(&self) -> Result<ReloadSummary, ConfigError> {
+        let _one_at_a_time = self.inner.reloading.lock().await;
+        let config = self.inner.config.clone();
+        let loaded = tokio::task::spawn_blocking(move || config.load_file())
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigError::Read {
+                    path: self.inner.config.config_path.clone().unwrap_or_default(),
+                    cause: format!("reading task failed: {e}"),
+                })
+            });
+        let source = self.source_name();
+        let file = match loaded {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::error!(source = %source, error = %e, "reload refused; the running config stays");
+                self.inner.events.publish(Event::new(
+                    "reload",
+                    None,
+                    None,
+                    serde_json::json!({"ok": false, "source": source, "error": e.to_string()}),
+                ));
+                return Err(e);
+            }
+        };
+        let previous = self.inner.routes.load_full();
+        let table = RouteTable::build(file, &self.inner.upstreams, Some(&previous));
+        let summary = ReloadSummary {
+            source,
+            routes: table.routes().len(),
+        };
+        self.inner.routes.store(Arc::new(table));
+        self.inner.cache.invalidate_all();
+        tracing::info!(source = %summary.source, routes = summary.routes, "config reloaded");
+        self.inner.events.publish(Event::new(
+            "reload",
+            None,
+            None,
+            serde_json::json!({"ok": true, "source": summary.source, "routes": summary.routes}),
+        ));
+        Ok(summary)
+    }
+
+    fn source_name(&self) -> String {
+        self.inner
+            .config
+            .config_path
+            .as_ref()
+            .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string())
+    }
 }
 
-/// The gateway's routes (see CONTRACTS.md "Gateway"): dashboard, health, the composed
-/// endpoints, and everything else under `/users` and `/orders` proxied to the users and
-/// orders services. Unknown paths get a JSON 404.
+/// What a successful reload loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReloadSummary {
+    /// The file read, or `embedded`.
+    pub source: String,
+    /// Routes now in force.
+    pub routes: usize,
+}
+
+/// Sends upstream events to the metrics, the admin event stream and the log.
+#[derive(Debug)]
+struct GatewayObserver {
+    metrics: Arc<Metrics>,
+    events: Arc<EventHub>,
+}
+
+impl UpstreamObserver for GatewayObserver {
+    fn breaker_created(&self, service: &str) {
+        self.metrics
+            .breaker_state(service, breakwater_resilience::breaker::State::Closed);
+    }
+
+    fn breaker_transition(&self, service: &str, transition: &Transition) {
+        // The breaker logs its own transitions; here they become metrics and events.
+        self.metrics.breaker_state(service, transition.to);
+        self.events.publish(Event::new(
+            "breaker",
+            Some(service.to_owned()),
+            None,
+            serde_json::json!({
+                "from": transition.from.as_str(),
+                "to": transition.to.as_str(),
+                "reason": transition.reason.to_string(),
+                "at_unix_ms": transition.at_unix_ms,
+            }),
+        ));
+    }
+
+    fn ejection(&self, service: &str, change: &EjectionChange) {
+        if change.kind == "ejection" {
+            tracing::warn!(
+                service,
+                instance = %change.instance,
+                reason = %change.reason,
+                ejected_for_ms = change.ejected_for.map(|d| d.as_millis()),
+                times = change.times_ejected,
+                "endpoint ejected"
+            );
+            self.metrics.ejection(service, &change.instance);
+        } else {
+            tracing::info!(service, instance = %change.instance, reason = %change.reason, "endpoint returned");
+        }
+        self.metrics.ejected(service, change.ejected_now);
+        self.events.publish(Event::new(
+            change.kind,
+            Some(service.to_owned()),
+            Some(change.instance.clone()),
+            serde_json::to_value(change).unwrap_or_default(),
+        ));
+    }
+}
+
+/// The gateway's routes: dashboard, health, metrics, the admin API, the composed
+/// endpoints, and every path the config file routes (the fallback, [`stack::proxy`]).
+/// Unknown paths get a JSON 404.
 pub fn app(state: GatewayState) -> Router {
     Router::new()
         .route(
@@ -100,25 +315,19 @@ pub fn app(state: GatewayState) -> Router {
             "/health",
             with_cors(get(health::health)).fallback(errors::wrong_method),
         )
-        .route(
-            "/users",
-            with_cors(get(compose::users)).fallback(proxy_to(USER_SERVICE)),
-        )
-        .route("/users/", proxy_to(USER_SERVICE))
-        .route("/users/{*rest}", proxy_to(USER_SERVICE))
+        .route("/metrics", get(metrics_text).fallback(errors::wrong_method))
+        .route("/users", with_cors(get(compose::users)).fallback(proxied()))
         .route(
             "/orders/user/{user_id}",
-            with_cors(get(compose::user_orders)).fallback(proxy_to(ORDER_SERVICE)),
+            with_cors(get(compose::user_orders)).fallback(proxied()),
         )
-        .route("/orders", proxy_to(ORDER_SERVICE))
-        .route("/orders/", proxy_to(ORDER_SERVICE))
-        .route("/orders/{*rest}", proxy_to(ORDER_SERVICE))
         .route(
             "/users-with-orders",
             with_cors(get(compose::users_with_orders)).fallback(errors::wrong_method),
         )
-        .fallback(errors::no_route)
-        .layer(middleware::from_fn(forward::tag_request_id))
+        .nest("/admin", crate::admin::router(state.clone()))
+        .fallback(stack::proxy)
+        .layer(middleware::from_fn_with_state(state.clone(), edge))
         .with_state(state)
 }
 
@@ -130,29 +339,73 @@ fn with_cors(route: MethodRouter<GatewayState>) -> MethodRouter<GatewayState> {
         .layer(CorsLayer::permissive())
 }
 
-/// A route that sends every method on to `service`, path and query unchanged.
-fn proxy_to(service: &'static str) -> MethodRouter<GatewayState> {
-    any(move |State(state): State<GatewayState>, req: Request| forward::proxy(state, service, req))
+/// The other methods of a composed path go through the route table like any path.
+fn proxied() -> MethodRouter<GatewayState> {
+    any(stack::proxy)
+}
+
+/// `GET /metrics`: Prometheus text, or OpenMetrics when the scraper asks for it.
+async fn metrics_text(
+    State(state): State<GatewayState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    state.metrics().response(&headers)
+}
+
+/// Runs around every request: gives it an `x-request-id` (the client's, if usable, else
+/// a fresh one) returned on the response, and records it in the request metrics under
+/// its route (the config route's prefix, the gateway path, or `unmatched`).
+async fn edge(State(state): State<GatewayState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let res = forward::tag_request_id(req, next).await;
+    let label = match (res.extensions().get::<RouteLabel>(), &matched) {
+        (Some(route), _) => &*route.0,
+        (None, Some(path)) => path.as_str(),
+        (None, None) => "unmatched",
+    };
+    state
+        .metrics()
+        .request(label, &method, res.status().as_u16(), started.elapsed());
+    res
+}
+
+/// Why [`run`] stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The settings or the config file are invalid (the CLI exits 64).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Serving failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// Serves the gateway on `listener` until `shutdown` fires, registered in the registry
 /// as `api-gateway` the whole time: it registers once it is serving, deregisters when
-/// shutdown starts, and returns after the drain and the deregistration.
+/// shutdown starts, and returns after the drain and the deregistration. SIGHUP reloads
+/// the config file.
 ///
-/// The listener's real port wins over `config.port` (so port 0 works). A config that
-/// fails [`GatewayConfig::validate`] is an `InvalidInput` error.
+/// The listener's real port wins over `config.port` (so port 0 works), and its address
+/// decides whether `/admin` needs a token. Invalid settings or an invalid config file
+/// are a [`RunError::Config`], before anything is served.
 pub async fn run(
     listener: TcpListener,
     mut config: GatewayConfig,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let port = listener.local_addr()?.port();
-    config.adopt_port(port);
-    config
-        .validate()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-
-    let state = GatewayState::new(config);
+) -> Result<(), RunError> {
+    let local = listener.local_addr()?;
+    config.adopt_port(local.port());
+    config.listener_loopback = local.ip().is_loopback();
+    config.validate()?;
+    let state = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || GatewayState::new(config))
+            .await
+            .map_err(std::io::Error::other)??
+    };
+    let port = local.port();
     let registration_req = RegisterRequest {
         name: GATEWAY_SERVICE.to_owned(),
         port,
@@ -167,8 +420,15 @@ pub async fn run(
         port,
         instance = %state.config().instance,
         registry = %state.config().registry_url,
+        config = %state.source_name(),
+        routes = state.routes().routes().len(),
+        admin = if state.config().listener_loopback { "loopback" } else if state.admin_token().is_some() { "token" } else { "disabled" },
         "gateway listening"
     );
+
+    let background = shutdown.child_token();
+    spawn_reload_on_sighup(state.clone(), background.clone())?;
+    spawn_limiter_sweep(state.clone(), background.clone());
 
     let server = tokio::spawn(serve(
         listener,
@@ -189,11 +449,52 @@ pub async fn run(
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     registered.cancel();
+    background.cancel();
     if let Err(e) = registration.await {
         tracing::error!(error = %e, "registration task failed");
     }
     if let Err(e) = &served {
         tracing::error!(error = %e, "gateway server failed");
     }
-    served
+    Ok(served?)
+}
+
+fn spawn_reload_on_sighup(state: GatewayState, stop: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        break;
+                    }
+                    tracing::info!(signal = "SIGHUP", "reloading config");
+                    // A refused reload is logged and published by reload() itself.
+                    let _ = state.reload().await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+fn spawn_limiter_sweep(state: GatewayState, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(LIMITER_SWEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = every.tick() => {
+                    for route in state.routes().routes() {
+                        if let Some(limiter) = &route.limiter {
+                            limiter.retain_recent();
+                        }
+                    }
+                }
+            }
+        }
+    });
 }

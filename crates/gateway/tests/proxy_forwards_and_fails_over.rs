@@ -330,7 +330,7 @@ async fn a_get_fails_over_from_a_stalled_instance_but_a_post_is_not_replayed() {
     let registry = FakeRegistry::start().await;
     let stalled = stalled_upstream().await;
     let live = echo_service("users-live").await;
-    // A fresh gateway's cursor starts at the first instance: the stalled one.
+    // A round-robin cursor starts at the first instance: the stalled one.
     registry.set(
         USERS,
         vec![instance(USERS, stalled.addr), instance(USERS, live.addr)],
@@ -343,7 +343,12 @@ async fn a_get_fails_over_from_a_stalled_instance_but_a_post_is_not_replayed() {
         (StatusCode::OK, &"users-live".into())
     );
 
-    let gw = breakwater_gateway::app(gateway_state(&registry.url, Duration::from_millis(200)));
+    let gw = breakwater_gateway::app(gateway_state_with(
+        &registry.url,
+        &users_route(
+            "[routes.policy]\nbalance = \"round-robin\"\n[routes.policy.timeout]\nper_try = \"200ms\"",
+        ),
+    ));
     let reply = call(&gw, Request::post("/users").body(Body::from("{}")).unwrap()).await;
     assert_eq!(
         reply.status,
@@ -373,33 +378,46 @@ async fn a_hang_up_before_the_answer_fails_over_only_idempotent_requests() {
         (StatusCode::OK, &"users-live".into())
     );
 
-    let gw = gateway(&registry.url);
+    let gw = breakwater_gateway::app(gateway_state_with(
+        &registry.url,
+        &users_route("[routes.policy]\nbalance = \"round-robin\""),
+    ));
     let reply = call(&gw, Request::post("/users").body(Body::from("{}")).unwrap()).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text);
     assert_eq!(reply.headers["x-breakwater-error"], "protocol");
 }
 
 #[tokio::test]
-async fn a_body_over_one_mebibyte_is_a_413() {
+async fn bodies_over_the_replay_limit_stream_through_and_are_not_replayed() {
     let registry = FakeRegistry::start().await;
     let echo = echo_service("users-a").await;
     registry.set(USERS, vec![instance(USERS, echo.addr)]);
     let gw = gateway(&registry.url);
 
-    let limit = breakwater_gateway::forward::MAX_REQUEST_BODY;
-    let too_big = Request::post("/users")
-        .header("content-length", (limit + 1).to_string())
-        .body(Body::from(vec![b'x'; limit + 1]))
-        .unwrap();
-    let reply = call(&gw, too_big).await;
-    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(reply.headers["x-breakwater-error"], "body-too-large");
-    assert!(reply.json["error"].is_string());
+    let limit = breakwater_gateway::forward::REPLAY_LIMIT;
+    // A declared length past the limit, and one well past the old 1 MiB cap.
+    let big = 2 << 20;
+    let reply = call(
+        &gw,
+        Request::put("/users/1")
+            .header("content-length", big.to_string())
+            .body(Body::from(vec![b'x'; big]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json["body"].as_str().unwrap().len(), big);
 
-    // Without a declared length the cap still holds while streaming.
-    let chunks = futures_chunks(limit + 1);
-    let reply = call(&gw, Request::post("/users").body(chunks).unwrap()).await;
-    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    // Without a declared length the gateway reads past the limit, then streams the rest.
+    let reply = call(
+        &gw,
+        Request::post("/users")
+            .body(futures_chunks(limit * 3 + 7))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(reply.json["body"].as_str().unwrap().len(), limit * 3 + 7);
 
     let reply = call(
         &gw,
@@ -411,9 +429,42 @@ async fn a_body_over_one_mebibyte_is_a_413() {
     assert_eq!(
         reply.status,
         StatusCode::CREATED,
-        "exactly the cap is allowed"
+        "exactly the limit is kept"
     );
     assert_eq!(reply.json["body"].as_str().unwrap().len(), limit);
+}
+
+#[tokio::test]
+async fn a_streamed_body_gets_one_try_even_on_a_connect_error() {
+    let registry = FakeRegistry::start().await;
+    let dead = dead_addr().await;
+    let live = echo_service("users-live").await;
+    registry.set(
+        USERS,
+        vec![instance(USERS, dead), instance(USERS, live.addr)],
+    );
+    let gw = breakwater_gateway::app(gateway_state_with(
+        &registry.url,
+        &users_route("[routes.policy]\nbalance = \"round-robin\""),
+    ));
+    let big = breakwater_gateway::forward::REPLAY_LIMIT + 1;
+    let reply = call(
+        &gw,
+        Request::put("/users/1")
+            .header("content-length", big.to_string())
+            .body(Body::from(vec![b'x'; big]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text);
+    assert_eq!(reply.headers["x-breakwater-error"], "connect");
+    // A kept body moves on from the same dead instance.
+    let reply = call(
+        &gw,
+        Request::put("/users/1").body(Body::from("{}")).unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
 }
 
 #[tokio::test]

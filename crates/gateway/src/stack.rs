@@ -1,0 +1,435 @@
+//! The per-route request path: rate limit -> cache -> total deadline -> retries
+//! (budgeted; idempotent or `Idempotency-Key`) -> breaker (per service) -> balancer
+//! (skipping ejected endpoints) -> one try ([`forward::send_once`]) -> one
+//! classification ([`classify`]) that feeds retry, breaker, ejection, EWMA and
+//! metrics.
+//!
+//! [`proxy`] is the router's fallback for every path the config routes; [`dispatch`]
+//! is the resilient call itself, which the composed endpoints use too.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::uri::PathAndQuery;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::response::{IntoResponse, Response};
+use breakwater_resilience::breaker::Outcome;
+use breakwater_resilience::deadline::Deadline;
+use breakwater_resilience::retry::{Decision, GiveUpReason, RetryPolicy};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::balance::{self, Tried};
+use crate::cache::{CacheStatus, CachedResponse, ResponseCache};
+use crate::classify::{self, AttemptKind, Classified};
+use crate::errors::{self, GatewayError};
+use crate::forward::{self, Outbound, TryError};
+use crate::metrics::AttemptOutcome;
+use crate::policy::Policy;
+use crate::route::{Route, RouteMatch};
+use crate::server::GatewayState;
+use crate::trace::Trace;
+use crate::upstream::Upstream;
+
+/// Response header naming the cause a route's fallback stood in for.
+pub const FALLBACK_HEADER: HeaderName = HeaderName::from_static("x-breakwater-fallback");
+/// Response header of cached routes: `HIT` or `MISS`.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// Largest upstream body a cached route reads whole (the cache decides separately
+/// what it stores); past it the answer is a 502.
+const MAX_CACHEABLE_READ: usize = 16 << 20;
+
+/// The route a response was served by, for the request metrics (a response extension).
+#[derive(Debug, Clone)]
+pub struct RouteLabel(pub Arc<str>);
+
+/// The router's fallback: matches the route table and serves the route, or answers
+/// 404 / 405.
+pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let table = state.routes();
+    let route = match table.find(&parts.method, parts.uri.path()) {
+        RouteMatch::Found(route) => Arc::clone(route),
+        RouteMatch::WrongMethod => return errors::wrong_method(parts.method, parts.uri).await,
+        RouteMatch::NotFound => return errors::no_route(parts.method, parts.uri).await,
+    };
+    drop(table);
+    let mut res = serve(&state, &route, parts, body).await;
+    res.extensions_mut()
+        .insert(RouteLabel(Arc::clone(&route.label)));
+    res
+}
+
+async fn serve(
+    state: &GatewayState,
+    route: &Route,
+    parts: axum::http::request::Parts,
+    body: Body,
+) -> Response {
+    let mut trace = Trace::from_request(&parts.headers);
+    trace.note("route", &route.spec.prefix);
+    if forward::has_dot_segment(parts.uri.path()) {
+        return GatewayError::bad_request("Invalid path: dot segments are not allowed")
+            .into_response();
+    }
+
+    let mut limit_headers = None;
+    if let Some(limiter) = &route.limiter {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        match limiter.check(&parts.headers, peer) {
+            Ok(headers) => {
+                trace.note("limit", "ok");
+                limit_headers = Some(headers);
+            }
+            Err(mut res) => {
+                state.metrics().rate_limited(&route.label);
+                trace.note("limit", "rejected");
+                trace.finish(res.headers_mut());
+                return res;
+            }
+        }
+    }
+
+    let original = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = route.upstream_path(&original);
+    let cache_ttl = route
+        .policy()
+        .cache
+        .filter(|_| parts.method == Method::GET && ResponseCache::request_allows(&parts.headers))
+        .map(|c| c.ttl);
+    if route.policy().cache.is_some() && cache_ttl.is_none() {
+        trace.note("cache", "bypass");
+    }
+    let outbound = match Outbound::from_client(parts, body, path).await {
+        Ok(outbound) => outbound,
+        Err(e) => return e.into_response(),
+    };
+
+    let mut res = match cache_ttl {
+        Some(ttl) => cached(state, route, outbound, ttl, &mut trace).await,
+        None => {
+            match dispatch(state, &route.upstream, route.policy(), outbound, &mut trace).await {
+                Ok(res) => forward::client_response(res),
+                Err(e) => failure_response(route, e, &mut trace),
+            }
+        }
+    };
+    if let Some(headers) = limit_headers {
+        res.headers_mut().extend(headers);
+    }
+    trace.finish(res.headers_mut());
+    res
+}
+
+/// A cached GET: one upstream call for any number of concurrent misses.
+async fn cached(
+    state: &GatewayState,
+    route: &Route,
+    outbound: Outbound,
+    ttl: std::time::Duration,
+    trace: &mut Trace,
+) -> Response {
+    let key = format!("{}\n{}", route.spec.prefix, outbound.path_and_query);
+    // The fetch's trace comes back through a side slot: the cache's result is shared
+    // with coalesced waiters, so it cannot carry one request's trace.
+    let slot = std::sync::Mutex::new(None::<Trace>);
+    let child = trace.child();
+    let result = state
+        .cache()
+        .get_or_fetch(&key, ttl, || async {
+            let mut inner = child;
+            let res = dispatch(state, &route.upstream, route.policy(), outbound, &mut inner).await;
+            let res = read_whole(res, route.upstream.name()).await;
+            if let Ok(mut slot) = slot.lock() {
+                *slot = Some(inner);
+            }
+            res
+        })
+        .await;
+    if let Some(inner) = slot.into_inner().ok().flatten() {
+        trace.append(inner);
+    }
+    match result {
+        Ok((cached, status)) => {
+            let hit = status == CacheStatus::Hit;
+            state.metrics().cache(&route.label, hit);
+            trace.note("cache", if hit { "hit" } else { "miss" });
+            let mut res = Response::new(Body::from(cached.body));
+            *res.status_mut() = cached.status;
+            *res.headers_mut() = cached.headers;
+            res.headers_mut()
+                .insert(X_CACHE, HeaderValue::from_static(status.as_str()));
+            res
+        }
+        Err(e) => {
+            trace.note("cache", "miss");
+            failure_response(route, GatewayError::clone(&e), trace)
+        }
+    }
+}
+
+async fn read_whole(
+    res: Result<hyper::Response<Incoming>, GatewayError>,
+    service: &str,
+) -> Result<CachedResponse, GatewayError> {
+    let (mut parts, body) = res?.into_parts();
+    forward::strip_hop_by_hop(&mut parts.headers);
+    let body = Limited::new(body, MAX_CACHEABLE_READ)
+        .collect()
+        .await
+        .map_err(|e| GatewayError::Protocol {
+            service: service.to_owned(),
+            cause: format!("reading the response body: {}", forward::error_chain(&*e)),
+        })?
+        .to_bytes();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(CachedResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// The response for a failed request: the route's fallback when it has one and the
+/// failure is on the upstream side, else the error's own response.
+fn failure_response(route: &Route, err: GatewayError, trace: &mut Trace) -> Response {
+    trace.note("error", err.cause());
+    match &route.policy().fallback {
+        Some(fallback) if err.is_upstream_failure() => {
+            tracing::debug!(route = %route.spec.prefix, cause = err.cause(), error = %err, "serving the route's fallback");
+            trace.note("fallback", err.cause());
+            let mut res = Response::new(Body::from(Bytes::clone(&fallback.body)));
+            *res.status_mut() = fallback.status;
+            let headers = res.headers_mut();
+            headers.insert(header::CONTENT_TYPE, fallback.content_type.clone());
+            headers.insert(FALLBACK_HEADER, HeaderValue::from_static(err.cause()));
+            if let Some(wait) = err.retry_after() {
+                headers.insert(header::RETRY_AFTER, errors::retry_after_value(wait));
+            }
+            res
+        }
+        _ => err.into_response(),
+    }
+}
+
+/// Sends `outbound` to `upstream` under `policy`: resolves the endpoints, then tries,
+/// classifies and retries within the total deadline, the attempt cap and the retry
+/// budget, asking the breaker before each try. The response head has arrived; its
+/// body streams. A 5xx that is not retried (or whose retries ran out) is returned as
+/// the upstream's response, not as an error.
+pub async fn dispatch(
+    state: &GatewayState,
+    upstream: &Upstream,
+    policy: &Policy,
+    mut outbound: Outbound,
+    trace: &mut Trace,
+) -> Result<hyper::Response<Incoming>, GatewayError> {
+    let started = Instant::now();
+    let deadline = Deadline::after(started, policy.timeout.total);
+    let service = upstream.name();
+    let instances = resolve(state, service).await?;
+    let set = upstream.endpoints_for(&instances);
+    let service_state = upstream.state();
+    let breaker = service_state.breaker.as_deref();
+    let budget = &service_state.budget;
+    budget.deposit(started);
+    let retry = RetryPolicy {
+        max_attempts: policy.retries.max_attempts,
+        backoff: policy.retries.backoff,
+    };
+    let replay = outbound.replay();
+    let metrics = state.metrics();
+
+    let mut tried = Tried::default();
+    let mut attempt: u32 = 0;
+    // The previous try's failure, answered if the next try cannot be made.
+    let mut last: Option<Result<hyper::Response<Incoming>, GatewayError>> = None;
+    loop {
+        attempt += 1;
+        let now = Instant::now();
+        let Some(try_timeout) = deadline.try_timeout(now, policy.timeout.per_try) else {
+            trace.note("deadline", "exceeded");
+            return Err(GatewayError::DeadlineExceeded {
+                service: service.to_owned(),
+            });
+        };
+        let cut_by_deadline = try_timeout < policy.timeout.per_try;
+
+        let permit = match breaker.map(|b| b.try_acquire(now)) {
+            None => None,
+            Some(Ok(permit)) => {
+                if trace.is_on() {
+                    let state = breaker.map(|b| b.state(now).as_str().to_ascii_lowercase());
+                    trace.note("breaker", state.unwrap_or_default());
+                }
+                Some(permit)
+            }
+            Some(Err(rejected)) => {
+                metrics.breaker_rejected(service);
+                trace.note(
+                    "breaker",
+                    format_args!("open (retry in {}ms)", rejected.retry_after.as_millis()),
+                );
+                return last.unwrap_or(Err(GatewayError::BreakerOpen {
+                    service: service.to_owned(),
+                    retry_after: rejected.retry_after,
+                }));
+            }
+        };
+
+        let now_ns = upstream.nanos(now);
+        let Some(pick) = balance::pick(
+            upstream,
+            &set,
+            policy.balance,
+            tried,
+            now_ns,
+            &mut rand::rng(),
+        ) else {
+            return Err(GatewayError::NoInstance {
+                service: service.to_owned(),
+            });
+        };
+        tried.add(pick.index);
+        let last_try = attempt >= retry.max_attempts.get() || replay == classify::Replay::Never;
+        let in_flight = pick.endpoint.start();
+        let sent = Instant::now();
+        let result = forward::send_once(
+            state.client(),
+            &pick.endpoint,
+            &mut outbound,
+            try_timeout,
+            last_try,
+        )
+        .await;
+        drop(in_flight);
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(sent);
+        let classified = match &result {
+            Ok(res) => classify::response(res.status(), replay),
+            Err(e) => classify::failure(e.kind(), replay),
+        };
+
+        if let (Some(breaker), Some(permit)) = (breaker, permit) {
+            breaker.record(permit, Outcome::from_ok(!classified.failure), elapsed, now);
+        }
+        upstream.observe(
+            &set,
+            &pick.endpoint,
+            &classified,
+            pick.probe.is_some(),
+            elapsed,
+            now,
+        );
+        drop(pick.probe);
+        metrics.attempt(
+            service,
+            &pick.endpoint.id,
+            attempt_outcome(&classified),
+            elapsed,
+        );
+        if trace.is_on() {
+            match &result {
+                Ok(res) => {
+                    trace.attempt(attempt, &pick.endpoint.id, res.status().as_u16(), elapsed)
+                }
+                Err(e) => trace.attempt(attempt, &pick.endpoint.id, e.kind().as_str(), elapsed),
+            }
+        }
+
+        let outcome = match result {
+            Ok(res) => Ok(res),
+            Err(TryError::Timeout) if cut_by_deadline => Err(GatewayError::DeadlineExceeded {
+                service: service.to_owned(),
+            }),
+            Err(e) => {
+                tracing::debug!(service, instance = %pick.endpoint.id, attempt, error = %e, "try failed");
+                Err(e.into_error(service))
+            }
+        };
+        if !classified.retryable {
+            return outcome;
+        }
+        let breaker_open = breaker.is_some_and(|b| b.is_rejecting(now));
+        let decision = retry.decide(
+            attempt,
+            Some(budget),
+            breaker_open,
+            Some(deadline.instant()),
+            now,
+            &mut rand::rng(),
+        );
+        match decision {
+            Decision::Retry { after } => {
+                metrics.retry(service);
+                trace.note("budget", "ok");
+                if trace.is_on() {
+                    trace.note(
+                        "backoff",
+                        format_args!("{:.1}ms", after.as_secs_f64() * 1e3),
+                    );
+                }
+                // The failed answer's body is not needed if the retry is made; it is
+                // kept (unread) in case the next try cannot start.
+                last = Some(outcome);
+                tokio::time::sleep(after).await;
+            }
+            Decision::GiveUp(reason) => {
+                match reason {
+                    GiveUpReason::BudgetExhausted => {
+                        metrics.retry_budget_exhausted(service);
+                        trace.note("budget", "exhausted");
+                        tracing::debug!(service, "retry budget exhausted; not retrying");
+                    }
+                    GiveUpReason::AttemptsExhausted => {}
+                    other => trace.note("retry", other.as_str()),
+                }
+                return outcome;
+            }
+        }
+    }
+}
+
+fn attempt_outcome(c: &Classified) -> AttemptOutcome {
+    match c.kind {
+        AttemptKind::Success => AttemptOutcome::Success,
+        AttemptKind::Status4xx => AttemptOutcome::Status4xx,
+        AttemptKind::Status5xx => AttemptOutcome::Status5xx,
+        AttemptKind::ConnectError => AttemptOutcome::ConnectError,
+        AttemptKind::Timeout => AttemptOutcome::Timeout,
+        AttemptKind::ProtocolError => AttemptOutcome::ProtocolError,
+    }
+}
+
+/// The live instances of `service` as discovery knows them.
+async fn resolve(
+    state: &GatewayState,
+    service: &str,
+) -> Result<Arc<[breakwater_registry::wire::Instance]>, GatewayError> {
+    use breakwater_registry::client::DiscoveryError;
+    match state.discovery().resolve(service).await {
+        Ok(list) if list.is_empty() => Err(GatewayError::NoInstance {
+            service: service.to_owned(),
+        }),
+        Ok(list) => Ok(list),
+        Err(DiscoveryError::NoInstances { .. }) => Err(GatewayError::NoInstance {
+            service: service.to_owned(),
+        }),
+        Err(DiscoveryError::Unavailable { source, .. }) => Err(GatewayError::RegistryUnreachable {
+            service: service.to_owned(),
+            cause: forward::error_chain(&source),
+        }),
+    }
+}
