@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use breakwater_runtime::telemetry::LogFormat;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 /// A resilient microservice system in one binary.
 #[derive(Debug, Parser)]
@@ -75,34 +75,136 @@ pub struct GatewayArgs {
     pub listen: Listen,
     #[command(flatten)]
     pub discovery: Discovery,
-    /// Per-try timeout for upstream calls (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = humantime_duration)]
-    pub try_timeout: std::time::Duration,
+    /// Routes and policies file (default: the embedded breakwater.toml). Re-read on
+    /// SIGHUP and on `POST /admin/reload`.
+    #[arg(long, env = "BREAKWATER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Per-try timeout for upstream calls (e.g. 10s, 500ms); replaces the config file's
+    /// `[defaults.timeout] per_try`.
+    #[arg(long, value_parser = humantime_duration)]
+    pub try_timeout: Option<std::time::Duration>,
+    /// Bearer token for `/admin` (required there unless the gateway listens on loopback).
+    #[arg(long, env = "BREAKWATER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// URL of the registry dashboard the gateway dashboard links to (default: the
     /// registry URL).
     #[arg(long)]
     pub registry_dashboard: Option<String>,
 }
 
-/// Which service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ServiceName {
-    Users,
-    Orders,
-}
-
 /// `breakwater service <name>`.
 #[derive(Debug, Args)]
 pub struct ServiceArgs {
-    /// The service to run.
-    pub name: ServiceName,
-    #[command(flatten)]
-    pub listen: Listen,
+    #[command(subcommand)]
+    pub service: ServiceCommand,
+}
+
+/// Which service to run, with its own settings.
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// The users service (CRUD over users; default port 4000).
+    Users(ServiceCommon),
+    /// The orders service (orders by user, create; default port 5000).
+    Orders(ServiceCommon),
+    /// The analytics service (seed 004: metrics, summary cache, rate limit, breaker;
+    /// default port 6000, or $PORT).
+    Analytics(AnalyticsArgs),
+    /// The data service (seed 000: retries, fallback, sharded store; default port 7000).
+    Data(DataArgs),
+    /// The unstable external dependency (fails and stalls on purpose; default port 9000).
+    Unstable(UnstableArgs),
+}
+
+/// What every service takes.
+#[derive(Debug, Args, Clone)]
+pub struct ServiceCommon {
+    /// Port to listen on (0 picks a free one; default: the service's contract port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Address to bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
     #[command(flatten)]
     pub discovery: Discovery,
-    /// Directory for the service's database file.
+    /// Directory for the service's database files.
     #[arg(long, env = "BREAKWATER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+/// `breakwater service analytics`. Flags override the seed's environment variables
+/// (RATE_LIMIT_WINDOW, RATE_LIMIT_MAX, CIRCUIT_FAILURE_THRESHOLD, CIRCUIT_RESET_TIMEOUT).
+#[derive(Debug, Args)]
+pub struct AnalyticsArgs {
+    #[command(flatten)]
+    pub common: ServiceCommon,
+    /// Rate-limit window (overrides RATE_LIMIT_WINDOW, in seconds there).
+    #[arg(long, value_parser = humantime_duration)]
+    pub rate_limit_window: Option<std::time::Duration>,
+    /// Requests per client IP per window (overrides RATE_LIMIT_MAX).
+    #[arg(long)]
+    pub rate_limit_max: Option<u32>,
+    /// Consecutive failures that open the breaker (overrides CIRCUIT_FAILURE_THRESHOLD).
+    #[arg(long)]
+    pub circuit_failure_threshold: Option<u32>,
+    /// Time the breaker stays open before one trial (overrides CIRCUIT_RESET_TIMEOUT).
+    #[arg(long, value_parser = humantime_duration)]
+    pub circuit_reset_timeout: Option<std::time::Duration>,
+    /// Base URL of the external dependency (default: unstable-service via discovery).
+    #[arg(long)]
+    pub external: Option<String>,
+    /// Timeout of one external call.
+    #[arg(long, value_parser = humantime_duration)]
+    pub external_timeout: Option<std::time::Duration>,
+    /// Time a summary stays cached (0s turns the cache off).
+    #[arg(long, value_parser = humantime_duration)]
+    pub summary_ttl: Option<std::time::Duration>,
+}
+
+/// `breakwater service data`.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    #[command(flatten)]
+    pub common: ServiceCommon,
+    /// Number of store shards (2..=64). Changing it moves keys: keep it fixed per data dir.
+    #[arg(long, default_value_t = 4)]
+    pub shards: u32,
+    /// Base URL of the external dependency (default: unstable-service via discovery).
+    #[arg(long)]
+    pub external: Option<String>,
+    /// Timeout of one try.
+    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    pub try_timeout: std::time::Duration,
+    /// Tries before the fallback (1..=10).
+    #[arg(long, default_value_t = 4)]
+    pub max_attempts: u32,
+    /// First backoff ceiling (full jitter, doubling).
+    #[arg(long, default_value = "100ms", value_parser = humantime_duration)]
+    pub backoff_base: std::time::Duration,
+    /// Largest backoff ceiling.
+    #[arg(long, default_value = "1s", value_parser = humantime_duration)]
+    pub backoff_max: std::time::Duration,
+}
+
+/// `breakwater service unstable`.
+#[derive(Debug, Args)]
+pub struct UnstableArgs {
+    #[command(flatten)]
+    pub common: ServiceCommon,
+    /// Probability that `GET /data` fails with a 500 (0..=1).
+    #[arg(long, default_value_t = 0.3)]
+    pub failure_rate: f64,
+    /// Probability that `GET /data` stalls before answering (0..=1).
+    #[arg(long, default_value_t = 0.3)]
+    pub delay_rate: f64,
+    /// How long a stall lasts (at most 60s).
+    #[arg(long, default_value = "3s", value_parser = humantime_duration)]
+    pub delay: std::time::Duration,
+    /// Seed for a reproducible failure/stall sequence.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Default size of the `/stress-test` busy loop (iterations).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub stress_iterations: u64,
 }
 
 /// `breakwater up`.
@@ -126,6 +228,24 @@ pub struct UpArgs {
     /// Number of orders instances.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub orders: u16,
+    /// First analytics port.
+    #[arg(long, default_value_t = 6000)]
+    pub analytics_port: u16,
+    /// Number of analytics instances (0 leaves it out).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub analytics: u16,
+    /// First data port.
+    #[arg(long, default_value_t = 7000)]
+    pub data_port: u16,
+    /// Number of data instances (0 leaves it out).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub data: u16,
+    /// Unstable (the fault-injecting external dependency) port.
+    #[arg(long, default_value_t = 9000)]
+    pub unstable_port: u16,
+    /// Number of unstable instances (0 leaves it out).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
+    pub unstable: u16,
     /// Address every component binds and advertises.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
@@ -171,6 +291,11 @@ mod tests {
             (3000, 8000, 4000, 5000)
         );
         assert_eq!((up.users, up.orders), (3, 3));
+        assert_eq!(
+            (up.analytics_port, up.data_port, up.unstable_port),
+            (6000, 7000, 9000)
+        );
+        assert_eq!((up.analytics, up.data, up.unstable), (1, 2, 1));
     }
 
     #[test]
@@ -178,5 +303,6 @@ mod tests {
         assert!(Cli::try_parse_from(["breakwater", "up", "--users", "0"]).is_err());
         assert!(Cli::try_parse_from(["breakwater", "registry", "--port", "70000"]).is_err());
         assert!(Cli::try_parse_from(["breakwater", "service", "nope", "--port", "1"]).is_err());
+        assert!(Cli::try_parse_from(["breakwater", "service", "data", "--shards", "x"]).is_err());
     }
 }

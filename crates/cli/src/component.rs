@@ -7,7 +7,12 @@ use anyhow::Context as _;
 use breakwater_runtime::CancellationToken;
 use tokio::net::TcpListener;
 
-use crate::cli::{GatewayArgs, Listen, RegistryArgs, ServiceArgs, ServiceName};
+use breakwater_services::analytics::{AnalyticsOverrides, AnalyticsSettings};
+use breakwater_services::data::DataSettings;
+use breakwater_services::unstable::UnstableSettings;
+use breakwater_services::{ServiceError, ServiceKind, ServiceOptions};
+
+use crate::cli::{GatewayArgs, Listen, RegistryArgs, ServiceArgs, ServiceCommand, ServiceCommon};
 
 /// A flag or configuration value that cannot work; exits with code 64.
 #[derive(Debug, thiserror::Error)]
@@ -57,48 +62,133 @@ pub async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
 
 /// `breakwater gateway`.
 pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let registry = args.discovery.registry.trim_end_matches('/').to_owned();
+    check_url("--registry", &registry)?;
+    let mut config = breakwater_gateway::GatewayConfig::new(args.listen.port, registry.clone());
+    config.registry_dashboard_url = args
+        .registry_dashboard
+        .unwrap_or_else(|| format!("{registry}/"));
+    config.heartbeat_interval_secs = args.discovery.heartbeat_interval;
+    config.try_timeout = args.try_timeout;
+    config.config_path = args.config;
+    config.admin_token = args.admin_token;
+    // Refuse a bad config file before taking the port.
+    config
+        .validate()
+        .map_err(|e| UsageError(format!("--config: {e}")))?;
+    config
+        .load_file()
+        .map_err(|e| UsageError(format!("--config: {e}")))?;
+
     let shutdown = shutdown_token()?;
     let listener = bind(&args.listen).await?;
     let port = port_of(&listener)?;
-    let registry = args.discovery.registry.trim_end_matches('/').to_owned();
-    check_url("--registry", &registry)?;
-    let config = breakwater_gateway::GatewayConfig {
-        port,
-        registry_dashboard_url: args
-            .registry_dashboard
-            .unwrap_or_else(|| format!("{registry}/")),
-        registry_url: registry,
-        instance: format!("api-gateway-{port}"),
-        heartbeat_interval_secs: args.discovery.heartbeat_interval,
-        try_timeout: args.try_timeout,
-    };
-    tracing::info!(port, "gateway listening");
-    breakwater_gateway::run(listener, config, shutdown)
-        .await
-        .context("gateway server")
+    config.port = port;
+    config.instance = format!("api-gateway-{port}");
+    match breakwater_gateway::run(listener, config, shutdown).await {
+        Ok(()) => Ok(()),
+        Err(breakwater_gateway::RunError::Config(e)) => {
+            Err(UsageError(format!("--config: {e}")).into())
+        }
+        Err(breakwater_gateway::RunError::Io(e)) => {
+            Err(anyhow::Error::new(e).context("gateway server"))
+        }
+    }
 }
 
 /// `breakwater service <name>`.
 pub async fn service(args: ServiceArgs) -> anyhow::Result<()> {
-    let shutdown = shutdown_token()?;
-    let listener = bind(&args.listen).await?;
-    let port = port_of(&listener)?;
-    let registry = args.discovery.registry.trim_end_matches('/').to_owned();
-    check_url("--registry", &registry)?;
-    let kind = match args.name {
-        ServiceName::Users => breakwater_services::ServiceKind::Users,
-        ServiceName::Orders => breakwater_services::ServiceKind::Orders,
+    let (kind, common, options) = service_options(args.service)?;
+    let port = match (common.port, kind) {
+        (Some(port), _) => port,
+        // Seed 004's analytics honours PORT.
+        (None, ServiceKind::Analytics) => breakwater_services::analytics::port_from_env()
+            .map_err(|e| UsageError(e.to_string()))?
+            .unwrap_or_else(|| default_port(kind)),
+        (None, _) => default_port(kind),
     };
+    let shutdown = shutdown_token()?;
+    let listener = bind(&Listen {
+        port,
+        bind: common.bind,
+    })
+    .await?;
+    let port = port_of(&listener)?;
+    let registry = common.discovery.registry.trim_end_matches('/').to_owned();
+    check_url("--registry", &registry)?;
     let config = breakwater_services::ServiceConfig {
         port,
-        host: args.discovery.advertise_host,
+        host: common.discovery.advertise_host,
         registry_url: registry,
-        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
-        heartbeat_interval_secs: args.discovery.heartbeat_interval,
+        data_dir: common.data_dir.unwrap_or_else(default_data_dir),
+        heartbeat_interval_secs: common.discovery.heartbeat_interval,
+        options,
     };
-    breakwater_services::run(kind, listener, config, shutdown)
-        .await
-        .context("service")
+    match breakwater_services::run(kind, listener, config, shutdown).await {
+        Err(ServiceError::Setting(e)) => Err(UsageError(e.to_string()).into()),
+        other => other.context("service"),
+    }
+}
+
+/// The contract port of each service (CONTRACTS.md "Default ports").
+fn default_port(kind: ServiceKind) -> u16 {
+    match kind {
+        ServiceKind::Users => 4000,
+        ServiceKind::Orders => 5000,
+        ServiceKind::Analytics => 6000,
+        ServiceKind::Data => 7000,
+        ServiceKind::Unstable => 9000,
+    }
+}
+
+/// Flags (and, for analytics, the seed's environment variables) to validated settings.
+fn service_options(
+    command: ServiceCommand,
+) -> Result<(ServiceKind, ServiceCommon, ServiceOptions), UsageError> {
+    let mut options = ServiceOptions::default();
+    let (kind, common) = match command {
+        ServiceCommand::Users(common) => (ServiceKind::Users, common),
+        ServiceCommand::Orders(common) => (ServiceKind::Orders, common),
+        ServiceCommand::Analytics(a) => {
+            options.analytics = AnalyticsSettings::from_env_and(&AnalyticsOverrides {
+                rate_limit_window: a.rate_limit_window,
+                rate_limit_max: a.rate_limit_max,
+                circuit_failure_threshold: a.circuit_failure_threshold,
+                circuit_reset_timeout: a.circuit_reset_timeout,
+                external: a.external,
+                external_timeout: a.external_timeout,
+                summary_ttl: a.summary_ttl,
+            })
+            .map_err(|e| UsageError(e.to_string()))?;
+            (ServiceKind::Analytics, a.common)
+        }
+        ServiceCommand::Data(d) => {
+            options.data = DataSettings {
+                shards: d.shards,
+                external: d.external,
+                try_timeout: d.try_timeout,
+                max_attempts: d.max_attempts,
+                backoff_base: d.backoff_base,
+                backoff_max: d.backoff_max,
+            };
+            (ServiceKind::Data, d.common)
+        }
+        ServiceCommand::Unstable(u) => {
+            options.unstable = UnstableSettings {
+                failure_rate: u.failure_rate,
+                delay_rate: u.delay_rate,
+                delay: u.delay,
+                seed: u.seed,
+                stress_iterations: u.stress_iterations,
+                ..UnstableSettings::default()
+            };
+            (ServiceKind::Unstable, u.common)
+        }
+    };
+    options
+        .validate(kind)
+        .map_err(|e| UsageError(e.to_string()))?;
+    Ok((kind, common, options))
 }
 
 fn check_url(flag: &str, url: &str) -> Result<(), UsageError> {

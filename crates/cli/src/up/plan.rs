@@ -100,9 +100,17 @@ impl Plan {
             registry_name: None,
             args: common(&["registry"], registry_port),
         }];
-        for (label, sub, base, count, registry_name, flag) in [
+        // Unstable first: data and analytics depend on it (they find it lazily, so this
+        // only makes the start quieter).
+        let services = [
             (
-                "users",
+                "unstable",
+                args.unstable_port,
+                args.unstable,
+                "unstable-service",
+                "--unstable-port",
+            ),
+            (
                 "users",
                 args.users_port,
                 args.users,
@@ -111,13 +119,27 @@ impl Plan {
             ),
             (
                 "orders",
-                "orders",
                 args.orders_port,
                 args.orders,
                 "order-service",
                 "--orders-port",
             ),
-        ] {
+            (
+                "analytics",
+                args.analytics_port,
+                args.analytics,
+                "analytics-service",
+                "--analytics-port",
+            ),
+            (
+                "data",
+                args.data_port,
+                args.data,
+                "data-service",
+                "--data-port",
+            ),
+        ];
+        for (label, base, count, registry_name, flag) in services {
             for i in 0..count {
                 let wanted = if base == 0 {
                     0
@@ -129,7 +151,7 @@ impl Plan {
                     })?
                 };
                 let port = ports.pick(flag, wanted)?;
-                let mut a = common(&["service", sub], port);
+                let mut a = common(&["service", label], port);
                 discovery(&mut a);
                 a.extend(["--data-dir".into(), data_dir.as_os_str().to_owned()]);
                 children.push(ChildSpec {

@@ -1,11 +1,4 @@
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::print_stderr,
-    reason = "a test: failing loudly is the point"
-)]
-
-//! End to end, against the real `breakwater` binary: `up` brings the system up on free
+//! Against the real `breakwater` binary: `up` brings the system up on free
 //! ports, the CONTRACTS.md requests for registry, gateway, users and orders answer as
 //! written, a users instance killed with SIGKILL under load costs no client request and
 //! comes back registered, and Ctrl-C leaves no process behind and every port free.
@@ -22,6 +15,17 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+
+/// Every port flag of `up`, each given 0 (a free port).
+const FREE_PORTS: [&str; 7] = [
+    "--registry-port",
+    "--gateway-port",
+    "--users-port",
+    "--orders-port",
+    "--analytics-port",
+    "--data-port",
+    "--unstable-port",
+];
 
 /// The running `up` process, its data directory and its captured output. Dropping it
 /// kills whatever is still running, so a failing test leaves nothing behind.
@@ -43,22 +47,9 @@ impl System {
         ));
         std::fs::create_dir_all(&data_dir).unwrap();
         let mut up = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-            .args([
-                "up",
-                "--registry-port",
-                "0",
-                "--gateway-port",
-                "0",
-                "--users-port",
-                "0",
-            ])
-            .args([
-                "--orders-port",
-                "0",
-                "--heartbeat-interval",
-                "1",
-                "--data-dir",
-            ])
+            .arg("up")
+            .args(FREE_PORTS.iter().flat_map(|flag| [*flag, "0"]))
+            .args(["--heartbeat-interval", "1", "--data-dir"])
             .arg(&data_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -309,6 +300,74 @@ async fn check_contracts(http: &reqwest::Client, gw: &str, registry: &str) {
     assert_eq!((s, unknown), (200, json!({"services": []})));
 }
 
+/// Analytics, data and unstable (CONTRACTS.md), through the gateway. Unstable's chaos is
+/// turned off first so that the answers are deterministic.
+async fn check_more_contracts(http: &reqwest::Client, gw: &str, unstable: &str) {
+    let calm = json!({"failureRate": 0.0, "delayRate": 0.0});
+    let res = http
+        .put(format!("{unstable}/chaos"))
+        .json(&calm)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+
+    // Analytics.
+    let metric = json!({"timestamp": "2024-01-15T10:30:00.000Z", "value": 42.5, "type": "cpu"});
+    let (s, body) = call(http, "POST", &format!("{gw}/api/metrics"), Some(metric)).await;
+    assert_eq!(
+        (s, body),
+        (201, json!({"message":"Metric stored successfully"}))
+    );
+    let bad = json!({"timestamp": "yesterday", "value": 1, "type": "cpu"});
+    let (s, body) = call(http, "POST", &format!("{gw}/api/metrics"), Some(bad)).await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(body["error"], "Invalid payload");
+    let summary = format!("{gw}/api/metrics/summary?type=cpu");
+    let res = http.get(&summary).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-cache"], "MISS");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body, json!({"type":"cpu","count":1,"average_value":42.5}));
+    let res = http.get(&summary).send().await.unwrap();
+    assert_eq!(res.headers()["x-cache"], "HIT");
+    let (s, body) = call(http, "GET", &format!("{gw}/api/metrics/summary"), None).await;
+    assert_eq!(
+        (s, body),
+        (400, json!({"error":"Query parameter 'type' is required"}))
+    );
+    let (s, body) = call(
+        http,
+        "GET",
+        &format!("{gw}/api/metrics/summary?type=none"),
+        None,
+    )
+    .await;
+    assert_eq!((s, body), (404, json!({"message":"No metrics found"})));
+    let (s, body) = call(http, "GET", &format!("{gw}/api/external-data"), None).await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["circuit_state"], "CLOSED");
+    assert_eq!(body["data"], json!({"external_data":"success"}));
+
+    // Data (seed 000's app) and its sharded store.
+    let (s, saved) = call(http, "GET", &format!("{gw}/data"), None).await;
+    assert_eq!(s, 200, "{saved}");
+    let id = saved["id"].as_str().unwrap();
+    assert!(saved["instance"].is_string());
+    let (s, got) = call(http, "GET", &format!("{gw}/data/{id}"), None).await;
+    assert_eq!(s, 200, "{got}");
+    assert_eq!((&got["id"], &got["data"]), (&saved["id"], &saved["data"]));
+    let (s, _) = call(http, "GET", &format!("{gw}/data/not-an-id"), None).await;
+    assert_eq!(s, 400);
+    let unknown = "0".repeat(32);
+    let (s, body) = call(http, "GET", &format!("{gw}/data/{unknown}"), None).await;
+    assert_eq!((s, body), (404, json!({"error":"Data not found"})));
+
+    // Unstable's CPU-bound endpoint (seed 001), on the right path of the right service.
+    let (s, body) = call(http, "GET", &format!("{gw}/stress-test"), None).await;
+    assert_eq!(s, 200, "{body}");
+}
+
 /// Requests in a loop until `stop`; counts every answer that is not a real 200 from the
 /// users service (transport error, non-200, or the gateway's fallback data).
 async fn load(
@@ -369,6 +428,7 @@ async fn up_serves_the_contracts_survives_a_crash_and_stops_clean() {
         .unwrap();
 
     check_contracts(&http, &gw, &registry).await;
+    check_more_contracts(&http, &gw, &url_of(&state, "unstable-1")).await;
 
     // SIGKILL one users instance while requests flow.
     let stop = Arc::new(AtomicBool::new(false));
@@ -444,7 +504,8 @@ async fn up_serves_the_contracts_survives_a_crash_and_stops_clean() {
     // Ctrl-C: everything stops, in order, and nothing is left.
     let before = system.state().unwrap();
     let all_pids = pids(&before);
-    assert_eq!(all_pids.len(), 8, "{before}");
+    // registry, 3 users, 3 orders, analytics, 2 data, unstable, gateway
+    assert_eq!(all_pids.len(), 12, "{before}");
     let ports: Vec<u16> = before["processes"]
         .as_object()
         .unwrap()
