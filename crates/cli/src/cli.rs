@@ -33,6 +33,8 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Run one instance of a service.
     Service(ServiceArgs),
+    /// Load-test an HTTP endpoint (autocannon-style; seed 001's stress test).
+    Bench(crate::loadgen::BenchArgs),
 }
 
 /// Where a component listens.

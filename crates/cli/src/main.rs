@@ -1,10 +1,12 @@
 //! The `breakwater` binary: parses the command line and calls the libraries.
 //!
 //! Parts: `cli` (flags), `component` (`registry`, `gateway` and `service` as single
-//! processes) and `up` (the supervisor that runs the whole system on one machine).
+//! processes), `up` (the supervisor that runs the whole system on one machine) and
+//! `loadgen` (`breakwater bench`, the load generator).
 
 mod cli;
 mod component;
+mod loadgen;
 mod up;
 
 use std::process::ExitCode;
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
             cli::Command::Registry(args) => component::registry(args).await,
             cli::Command::Gateway(args) => component::gateway(args).await,
             cli::Command::Service(args) => component::service(args).await,
+            cli::Command::Bench(args) => loadgen::run(args).await,
         }
     });
     match result {

@@ -229,8 +229,22 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    /// `up` with every port free (0) unless `args` says otherwise.
     fn up(args: &[&str]) -> UpArgs {
         let mut v = vec!["breakwater", "up"];
+        for flag in [
+            "--registry-port",
+            "--gateway-port",
+            "--users-port",
+            "--orders-port",
+            "--analytics-port",
+            "--data-port",
+            "--unstable-port",
+        ] {
+            if !args.contains(&flag) {
+                v.extend([flag, "0"]);
+            }
+        }
         v.extend(args);
         match crate::cli::Cli::try_parse_from(v).unwrap().command {
             crate::cli::Command::Up(u) => u,
@@ -241,50 +255,43 @@ mod tests {
     #[test]
     fn plan_has_every_component_in_start_order() {
         let args = up(&[
-            "--registry-port",
-            "0",
-            "--gateway-port",
-            "0",
-            "--users-port",
-            "0",
-            "--orders-port",
-            "0",
             "--users",
             "2",
             "--orders",
             "1",
+            "--analytics",
+            "1",
+            "--data",
+            "1",
+            "--unstable",
+            "0",
         ]);
         let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
         let names: Vec<_> = plan.children.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
-            ["registry", "users-1", "users-2", "orders-1", "gateway"]
+            [
+                "registry",
+                "users-1",
+                "users-2",
+                "orders-1",
+                "analytics-1",
+                "data-1",
+                "gateway"
+            ]
         );
         let ports: HashSet<_> = plan.children.iter().map(|c| c.port).collect();
-        assert_eq!(ports.len(), 5, "ports are distinct");
+        assert_eq!(ports.len(), 7, "ports are distinct");
         assert!(plan.notes.is_empty());
     }
 
     #[test]
     fn a_taken_port_moves_and_says_so() {
         let held = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = held.local_addr().unwrap().port();
-        let args = up(&[
-            "--registry-port",
-            &port.to_string(),
-            "--gateway-port",
-            "0",
-            "--users-port",
-            "0",
-            "--orders-port",
-            "0",
-            "--users",
-            "1",
-            "--orders",
-            "1",
-        ]);
+        let port = held.local_addr().unwrap().port().to_string();
+        let args = up(&["--registry-port", &port, "--users", "1", "--orders", "1"]);
         let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
-        assert_ne!(plan.children[0].port, port);
+        assert_ne!(plan.children[0].port.to_string(), port);
         assert!(
             plan.notes[0].contains("--registry-port"),
             "{:?}",

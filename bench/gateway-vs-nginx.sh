@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Breakwater's gateway beside nginx and beside a direct call, in one run, on this machine.
+#
+# Three identical backends (one nginx process answering a small JSON body on three
+# ports), then for each target -- direct (one backend), nginx as a reverse proxy to the
+# three (keepalive upstream, 2 workers), and the breakwater gateway with its default
+# policies (routing, P2C balancing, outlier ejection, breaker, retry budget, metrics)
+# discovering the three through the registry -- wrk runs at -t2 -c64 and -t1 -c1.
+# Writes bench/RESULTS.md (the gateway section) with req/s, p50, p99, RSS and ratios.
+#
+# Usage: bench/gateway-vs-nginx.sh [duration-seconds]   (default 15)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-15}"
+OUT=bench/RESULTS.md
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
+  [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
+  sleep 0.5
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need wrk; then
+  echo "installing nginx and wrk from Debian..."
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light wrk >/dev/null
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+echo "building breakwater (release)..."
+cargo build --release --quiet -p breakwater
+BW=target/release/breakwater
+
+# Free ports: random ones in 20000-39999 that `ss` shows nobody listening on.
+free_port() {
+  while :; do
+    p=$(( (RANDOM % 20000) + 20000 ))
+    if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
+  done
+}
+B1=$(free_port); B2=$(free_port); B3=$(free_port); NG=$(free_port); GW=$(free_port); RG=$(free_port)
+
+BODY='{"id":1,"name":"John Doe","email":"john@example.com","age":30}'
+cat > "$WORK/backend.conf" <<NGX
+worker_processes 1;
+pid $WORK/backend.pid;
+error_log $WORK/backend-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1; listen 127.0.0.1:$B2; listen 127.0.0.1:$B3;
+           location / { default_type application/json; return 200 '$BODY'; } }
+}
+NGX
+cat > "$WORK/proxy.conf" <<NGX
+worker_processes 2;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backends {
+    server 127.0.0.1:$B1; server 127.0.0.1:$B2; server 127.0.0.1:$B3;
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:$NG;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGX
+"$NGINX" -c "$WORK/backend.conf" -e "$WORK/backend-error.log"
+"$NGINX" -c "$WORK/proxy.conf" -e "$WORK/proxy-error.log"
+
+RUST_LOG=warn "$BW" registry --port "$RG" --bind 127.0.0.1 2>"$WORK/registry.log" &
+PIDS+=($!)
+wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "timeout waiting for $1" >&2; return 1; }
+wait_http "http://127.0.0.1:$RG/health"
+for p in $B1 $B2 $B3; do
+  curl -fsS -o /dev/null -H 'content-type: application/json' \
+    -d "{\"name\":\"bench-backend\",\"port\":$p,\"host\":\"127.0.0.1\",\"heartbeatInterval\":3600}" \
+    "http://127.0.0.1:$RG/register"
+done
+RUST_LOG=warn "$BW" gateway --port "$GW" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
+  --config bench/gateway.toml 2>"$WORK/gateway.log" &
+GW_PID=$!
+PIDS+=($GW_PID)
+wait_http "http://127.0.0.1:$GW/health"
+wait_http "http://127.0.0.1:$GW/bench/users/1"
+wait_http "http://127.0.0.1:$NG/bench/users/1"
+
+rss_kb() { # total VmRSS of the given pids
+  local t=0; for p in "$@"; do
+    r=$(awk '/VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0); t=$((t + ${r:-0}));
+  done; echo "$t"; }
+nginx_proxy_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')"; }
+
+# run NAME URL THREADS CONNS PIDS... -> appends "name conns rps p50us p99us rsskb" to $WORK/rows
+to_us() { awk -v v="$1" 'BEGIN{ n=v; gsub(/[a-z]+$/,"",n); u=v; sub(/^[0-9.]+/,"",u);
+  if(u=="us")m=1; else if(u=="ms")m=1000; else if(u=="s")m=1000000; else m=1; printf "%.0f", n*m }'; }
+run() {
+  local name=$1 url=$2 t=$3 c=$4; shift 4
+  local peak=0
+  wrk -t"$t" -c"$c" -d"${DURATION}s" --latency "$url" > "$WORK/wrk.out" 2>&1 &
+  local wpid=$!
+  while kill -0 "$wpid" 2>/dev/null; do
+    if [ "$#" -gt 0 ]; then r=$(rss_kb "$@"); [ "$r" -gt "$peak" ] && peak=$r; fi
+    sleep 0.5
+  done
+  wait "$wpid"
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/{print $2}' "$WORK/wrk.out")
+  p50=$(to_us "$(awk '$1=="50%"{print $2}' "$WORK/wrk.out")")
+  p99=$(to_us "$(awk '$1=="99%"{print $2}' "$WORK/wrk.out")")
+  local errs; errs=$(awk '/Non-2xx|Socket errors/{print}' "$WORK/wrk.out" | tr '\n' ' ')
+  echo "$name $c $rps $p50 $p99 $peak $errs" | tee -a "$WORK/rows"
+}
+
+echo "warming up..."
+wrk -t2 -c64 -d3s "http://127.0.0.1:$GW/bench/users/1" >/dev/null
+wrk -t2 -c64 -d3s "http://127.0.0.1:$NG/bench/users/1" >/dev/null
+
+echo "name conns req/s p50us p99us rsskb"
+for conf in "2 64" "1 1"; do
+  set -- $conf
+  run direct  "http://127.0.0.1:$B1/bench/users/1" "$1" "$2"
+  run nginx   "http://127.0.0.1:$NG/bench/users/1" "$1" "$2" $(nginx_proxy_pids)
+  run gateway "http://127.0.0.1:$GW/bench/users/1" "$1" "$2" "$GW_PID"
+done
+
+# RESULTS.md: keep other sections, replace ours.
+write_report() {
+  local cpu kernel
+  cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)
+  kernel=$(uname -r)
+  get() { awk -v n="$1" -v c="$2" -v f="$3" '$1==n && $2==c {print $f}' "$WORK/rows"; }
+  ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "n/a" }'; }
+  {
+    echo "<!-- gateway-vs-nginx: begin -->"
+    echo "## Gateway vs nginx vs direct"
+    echo
+    echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) by \`bench/gateway-vs-nginx.sh $DURATION\` on $(nproc) cores ($cpu), kernel $kernel, $(free -g | awk '/Mem:/{print $2}') GiB."
+    echo "wrk, ${DURATION}s per run, against three identical backends (one nginx process, three ports, a 64-byte JSON body)."
+    echo "nginx: $("$NGINX" -v 2>&1 | sed 's/.*: //'), 2 workers, keepalive upstream. Gateway: \`bench/gateway.toml\` (default policies on)."
+    echo "Everything (wrk, backends, proxy) shares the same $(nproc) cores."
+    echo
+    echo "| target | connections | req/s | p50 (us) | p99 (us) | RSS under load (MB) |"
+    echo "|---|---|---|---|---|---|"
+    while read -r n c rps p50 p99 rss _; do
+      echo "| $n | $c | $rps | $p50 | $p99 | $(awk -v k="$rss" 'BEGIN{ if (k>0) printf "%.1f", k/1024; else print "-" }') |"
+    done < "$WORK/rows"
+    echo
+    echo "Ratios (gateway / nginx): req/s at 64 connections **$(ratio "$(get gateway 64 3)" "$(get nginx 64 3)")** (target >= 1.0),"
+    echo "p99 at 64 connections **$(ratio "$(get gateway 64 5)" "$(get nginx 64 5)")** (target <= 1.0)."
+    echo "Added p50 at one connection over direct: gateway **$(( $(get gateway 1 4) - $(get direct 1 4) )) us** (target <= 25 us), nginx $(( $(get nginx 1 4) - $(get direct 1 4) )) us."
+    echo "Gateway RSS under load: **$(awk -v k="$(get gateway 64 6)" 'BEGIN{printf "%.1f", k/1024}') MB** (target <= 40 MB)."
+    if [ -f bench/gateway-notes.md ]; then echo; cat bench/gateway-notes.md; fi
+    echo "<!-- gateway-vs-nginx: end -->"
+  } > "$WORK/section.md"
+  touch "$OUT"
+  if grep -q "<!-- gateway-vs-nginx: begin -->" "$OUT"; then
+    awk -v f="$WORK/section.md" '
+      /<!-- gateway-vs-nginx: begin -->/ { while ((getline l < f) > 0) print l; skip=1; next }
+      /<!-- gateway-vs-nginx: end -->/ { skip=0; next }
+      !skip { print }' "$OUT" > "$WORK/new.md"
+    mv "$WORK/new.md" "$OUT"
+  else
+    { [ -s "$OUT" ] || printf '# Benchmark results\n\nEvery figure here was measured by a script in bench/ on the machine named with it.\n\n'; cat "$WORK/section.md"; } >> "$OUT"
+  fi
+}
+write_report
+echo "wrote $OUT"
