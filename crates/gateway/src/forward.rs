@@ -80,9 +80,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest client-supplied request id the gateway passes on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Builds the gateway's one upstream client: HTTP/1.1, `TCP_NODELAY`, idle connections
-/// kept for 30 s, connects bounded by [`CONNECT_TIMEOUT`] (a try's own timeout may cut
-/// them sooner).
+thread_local! {
+    /// One pool per thread: the gateway serves with one single-threaded runtime per core
+    /// (`serve_per_core`), so a pooled connection and the requests that use it stay on
+    /// the thread that made them, with no cross-thread wake-ups.
+    static THREAD_CLIENT: UpstreamClient = upstream_client();
+}
+
+/// This thread's upstream client (a cheap handle to its pool).
+pub fn thread_client() -> UpstreamClient {
+    THREAD_CLIENT.with(Clone::clone)
+}
+
+/// A new pooled upstream client: HTTP/1.1, `TCP_NODELAY`, idle connections kept for
+/// 30 s, connects bounded by [`CONNECT_TIMEOUT`] (a try's own timeout may cut them
+/// sooner).
 pub fn upstream_client() -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);

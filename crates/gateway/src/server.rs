@@ -15,7 +15,7 @@ use breakwater_registry::client::{CachePolicy, Discovery, RegistryClient, spawn_
 use breakwater_registry::wire::RegisterRequest;
 use breakwater_resilience::breaker::Transition;
 use breakwater_runtime::CancellationToken;
-use breakwater_runtime::serve::{DEFAULT_DRAIN, serve};
+use breakwater_runtime::serve::{DEFAULT_DRAIN, serve_per_core};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -52,7 +52,6 @@ pub struct GatewayState {
 struct Shared {
     config: GatewayConfig,
     discovery: Discovery,
-    client: UpstreamClient,
     upstreams: Upstreams,
     routes: ArcSwap<RouteTable>,
     metrics: Arc<Metrics>,
@@ -95,7 +94,6 @@ impl GatewayState {
             inner: Arc::new(Shared {
                 config,
                 discovery,
-                client: forward::upstream_client(),
                 upstreams,
                 routes: ArcSwap::from_pointee(routes),
                 metrics,
@@ -117,9 +115,9 @@ impl GatewayState {
         &self.inner.discovery
     }
 
-    /// The pooled upstream client every forwarded request uses.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.inner.client
+    /// The pooled upstream client of the calling thread (see [`forward::thread_client`]).
+    pub fn client(&self) -> UpstreamClient {
+        forward::thread_client()
     }
 
     /// The route table in force. A request keeps the one it started with.
@@ -430,11 +428,13 @@ pub async fn run(
     spawn_reload_on_sighup(state.clone(), background.clone())?;
     spawn_limiter_sweep(state.clone(), background.clone());
 
-    let server = tokio::spawn(serve(
+    let workers = std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
+    let server = tokio::spawn(serve_per_core(
         listener,
         app(state.clone()),
         shutdown.clone(),
         DEFAULT_DRAIN,
+        workers,
     ));
     // A child token: if serving fails on its own, the registration still ends (and
     // deregisters) without cancelling the caller's token for everyone else.

@@ -307,7 +307,7 @@ pub async fn dispatch(
         let in_flight = pick.endpoint.start();
         let sent = Instant::now();
         let result = forward::send_once(
-            state.client(),
+            &state.client(),
             &pick.endpoint,
             &mut outbound,
             try_timeout,
