@@ -5,9 +5,12 @@
 //! - [`metric`]: the `POST /api/metrics` body and its checks, and the summary shape.
 //! - [`store`]: [`MetricStore`] and the embedded [`SqliteMetrics`].
 //! - [`cache`]: [`SummaryCache`] and the in-process [`MemorySummaryCache`].
+//! - `POST /events`: the consumer of `order.created` (see [`crate::outbox`]), each event
+//!   applied once, as a metric of type [`ORDERS_CREATED`].
 //! - [`AnalyticsSettings`]: the seed's environment variables, with flag overrides.
 
 pub mod cache;
+mod events;
 pub mod metric;
 mod peer;
 pub mod store;
@@ -35,13 +38,15 @@ use tower_http::cors::CorsLayer;
 
 pub use cache::{Lookup, MemorySummaryCache, SummaryCache, Ticket};
 pub use metric::{NewMetric, Summary};
-pub use store::{MetricStore, SqliteMetrics};
+pub use store::{Applied, MetricStore, SqliteMetrics};
 
 use crate::settings::{InvalidSetting, check_base_url, check_duration, env_number, env_value};
 use crate::upstream::{HttpUpstream, Upstream};
 
 /// The name analytics instances register under.
 pub const SERVICE_NAME: &str = "analytics-service";
+
+pub use events::ORDERS_CREATED;
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "analytics.db";
@@ -261,8 +266,9 @@ impl<S: MetricStore, C: SummaryCache, U: Upstream> AnalyticsState<S, C, U> {
 }
 
 /// The analytics service's routes: `GET /health`, `POST /api/metrics` (rate limited
-/// per client), `GET /api/metrics/summary`, `GET /api/external-data`, with JSON
-/// 404/405 fallbacks and permissive CORS.
+/// per client), `GET /api/metrics/summary`, `GET /api/external-data`, `POST /events`
+/// (internal: events from other services' outboxes; not rate limited and, for now,
+/// accepted from any caller), with JSON 404/405 fallbacks and permissive CORS.
 pub fn app<S, C, U>(state: AnalyticsState<S, C, U>) -> Router
 where
     S: MetricStore + 'static,
@@ -274,6 +280,7 @@ where
         .route("/api/metrics", post(ingest::<S, C, U>))
         .route("/api/metrics/summary", get(summary::<S, C, U>))
         .route("/api/external-data", get(external_data::<S, C, U>))
+        .route("/events", post(events::consume::<S, C, U>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CorsLayer::permissive())

@@ -4,8 +4,10 @@
 //! Switching a fresh file to WAL needs an exclusive lock that SQLite answers with
 //! SQLITE_BUSY at once instead of waiting out the busy timeout, so concurrent openers
 //! retry (with jitter, so they do not collide again) until the deadline a busy timeout
-//! would give them. The schema script runs in one `BEGIN IMMEDIATE` transaction guarded
+//! would give them. The schema's steps run in one `BEGIN IMMEDIATE` transaction guarded
 //! by `PRAGMA user_version`, which makes later openers wait and then find the work done.
+//! A file at version N gets only steps N.. (so seed data written by step 0 is never
+//! written again into a file that already had it).
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,13 +19,12 @@ use crate::storage::StorageError;
 /// How long a connection waits for another process's write lock before giving up.
 pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A schema script and the `user_version` it leaves behind.
+/// A schema as migration steps: step `i` brings a file from `user_version` `i` to
+/// `i + 1`. Steps are only ever appended.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Schema {
-    /// The version the script sets; a file at this version or later is left alone.
-    pub(crate) version: i64,
-    /// Statements run in one transaction; the last one sets `PRAGMA user_version`.
-    pub(crate) script: &'static str,
+    /// Statements per step; a file at version `steps.len()` or later is left alone.
+    pub(crate) steps: &'static [&'static str],
 }
 
 /// Opens (creating if missing) the database at `path` with a pool of up to
@@ -90,10 +91,16 @@ async fn prepare(pool: &SqlitePool, schema: Schema) -> Result<(), sqlx::Error> {
     let version: i64 = sqlx::query_scalar("PRAGMA user_version")
         .fetch_one(&mut *tx)
         .await?;
-    if version < schema.version {
-        // `sqlx::query` runs every statement of the script on SQLite. Not `raw_sql`:
+    let done = usize::try_from(version).unwrap_or(0);
+    for step in schema.steps.iter().skip(done) {
+        // `sqlx::query` runs every statement of the step on SQLite. Not `raw_sql`:
         // its future is not `Send` for every lifetime, so `run` could not be spawned.
-        sqlx::query(schema.script).execute(&mut *tx).await?;
+        sqlx::query(step).execute(&mut *tx).await?;
+    }
+    if done < schema.steps.len() {
+        // PRAGMA takes no bound parameters; the number is ours, not input.
+        let pragma = format!("PRAGMA user_version = {}", schema.steps.len());
+        sqlx::query(&pragma).execute(&mut *tx).await?;
     }
     tx.commit().await
 }

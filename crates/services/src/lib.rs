@@ -10,6 +10,9 @@
 //!   fallback, stored in the sharded [`data::DataStore`].
 //! - [`unstable`]: the fault-injecting dependency ("unstable-service") and its
 //!   CPU-bound stress endpoint.
+//! - [`outbox`]: events between services: the transactional outbox beside users and
+//!   orders, and the relay that delivers it at least once (analytics consumes
+//!   `order.created` exactly once by event id).
 //! - [`upstream`]: the dependency as analytics and data call it ([`upstream::Upstream`]).
 //! - [`storage`]: the [`storage::UserStore`] and [`storage::OrderStore`] traits and
 //!   [`storage::SqliteStore`], one SQLite file shared by every instance on a machine;
@@ -26,6 +29,7 @@ mod errors;
 mod fixtures;
 mod id;
 pub mod orders;
+pub mod outbox;
 mod service;
 pub mod settings;
 pub mod storage;

@@ -19,6 +19,7 @@ use tokio::sync::broadcast;
 use crate::analytics::{self, AnalyticsSettings, AnalyticsState, SqliteMetrics};
 use crate::data::{self, DataSettings, DataState, SqliteShards};
 use crate::orders::{self, OrdersState};
+use crate::outbox::relay::{HttpTransport, Relay, RelaySettings, Routes};
 use crate::settings::InvalidSetting;
 use crate::storage::{SqliteStore, StorageError};
 use crate::unstable::{self, UnstableSettings, UnstableState};
@@ -34,6 +35,13 @@ pub const DATA_SHARD_DIR: &str = "data-shards";
 
 /// How long connecting to another service may take; each call has its own limit too.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How the relay caches subscriber instances: briefly, so a consumer that comes back
+/// (on a new port) is found within a second.
+const RELAY_DISCOVERY: CachePolicy = CachePolicy {
+    fresh_for: Duration::from_secs(1),
+    stale_for: Duration::from_secs(30),
+};
 
 /// Which service an instance runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,13 +116,15 @@ pub struct ServiceOptions {
     pub data: DataSettings,
     /// Used by [`ServiceKind::Unstable`].
     pub unstable: UnstableSettings,
+    /// The outbox relay of [`ServiceKind::Users`] and [`ServiceKind::Orders`].
+    pub outbox: RelaySettings,
 }
 
 impl ServiceOptions {
     /// Checks the part `kind` uses; the error names the setting.
     pub fn validate(&self, kind: ServiceKind) -> Result<(), InvalidSetting> {
         match kind {
-            ServiceKind::Users | ServiceKind::Orders => Ok(()),
+            ServiceKind::Users | ServiceKind::Orders => self.outbox.validate(),
             ServiceKind::Analytics => self.analytics.validate(),
             ServiceKind::Data => self.data.validate(),
             ServiceKind::Unstable => self.unstable.validate(),
@@ -187,7 +197,27 @@ pub async fn run(
     let port = config.port;
     let registry = RegistryClient::new(config.registry_url.clone());
 
+    // Built before storage opens, so that no error leaves an open database behind.
+    let relay_http = http_client()?;
     let (router, storage) = build(kind, &config, &instance, &registry).await?;
+    let relay_stop = shutdown.child_token();
+    let relay = match &storage {
+        Storage::Shared(store) => {
+            let transport = HttpTransport::new(
+                Discovery::new(registry.clone(), RELAY_DISCOVERY),
+                relay_http,
+            );
+            let relay = Relay::new(
+                store.outbox(),
+                transport,
+                Routes::SYSTEM,
+                config.options.outbox,
+                instance.clone(),
+            );
+            Some(tokio::spawn(relay.run(relay_stop.clone())))
+        }
+        _ => None,
+    };
 
     let local = listener.local_addr().ok();
     tracing::info!(service, %instance, port, ?local, registry = %config.registry_url, "service starting");
@@ -203,8 +233,15 @@ pub async fn run(
 
     let served = server.await;
     registration_stop.cancel();
+    relay_stop.cancel();
     if let Err(error) = registration.await {
         tracing::warn!(service, %instance, %error, "registration task failed");
+    }
+    // Before the storage closes: the relay writes delivery marks into it.
+    if let Some(relay) = relay
+        && let Err(error) = relay.await
+    {
+        tracing::warn!(service, %instance, %error, "outbox relay failed");
     }
     storage.close().await;
     tracing::info!(service, %instance, port, "service stopped");
@@ -376,6 +413,7 @@ fn register_request(kind: ServiceKind, instance: &str, config: &ServiceConfig) -
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::time::Duration;
 
     use super::*;
@@ -503,6 +541,122 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// Polls `check` every 20 ms until it gives a value, for at most 5 s.
+    async fn eventually<T, F: Future<Output = Option<T>>>(what: &str, check: impl Fn() -> F) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_reaches_analytics_exactly_once_even_when_analytics_was_down() {
+        let dir = TempDir::new("events-e2e");
+        let (registry_url, mut events) = FakeRegistry::start(vec![]).await;
+        let shutdown = CancellationToken::new();
+        let options = ServiceOptions {
+            outbox: RelaySettings {
+                poll_interval: Duration::from_millis(10),
+                backoff: breakwater_resilience::retry::Backoff {
+                    base: Duration::from_millis(20),
+                    max: Duration::from_millis(100),
+                },
+                ..RelaySettings::default()
+            },
+            ..ServiceOptions::default()
+        };
+        let mut tasks = Vec::new();
+        for kind in [ServiceKind::Users, ServiceKind::Orders] {
+            let (port, task) =
+                start_with(kind, &registry_url, dir.path(), &shutdown, options.clone()).await;
+            assert!(matches!(
+                next_event(&mut events).await,
+                RegistryEvent::Registered { .. }
+            ));
+            tasks.push((kind, port, task));
+        }
+        let orders_port = tasks[1].1;
+
+        // No analytics instance exists while the order is created.
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let created = http
+            .post(format!("http://127.0.0.1:{orders_port}/orders"))
+            .json(&serde_json::json!({"userId": 1, "products": ["Lamp", "Bulb"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), reqwest::StatusCode::CREATED);
+
+        let shared = SqliteStore::open(&dir.path().join(DATABASE_FILE))
+            .await
+            .unwrap();
+        let outbox = shared.outbox();
+        let order_event = || async {
+            let rows = outbox.records().await.unwrap();
+            rows.into_iter()
+                .find(|r| r.topic == crate::outbox::ORDER_CREATED)
+        };
+        // The relay keeps trying.
+        let pending = eventually("two failed deliveries", || async {
+            order_event().await.filter(|r| r.attempts >= 2)
+        })
+        .await;
+        assert_eq!(pending.delivered_at, None);
+
+        // Analytics comes up; the relay finds it and delivers.
+        let (analytics_port, analytics_task) = start_with(
+            ServiceKind::Analytics,
+            &registry_url,
+            dir.path(),
+            &shutdown,
+            options.clone(),
+        )
+        .await;
+        tasks.push((ServiceKind::Analytics, analytics_port, analytics_task));
+        let delivered = eventually("the event delivered", || async {
+            order_event().await.filter(|r| r.delivered_at.is_some())
+        })
+        .await;
+        assert_eq!(delivered.id, pending.id);
+
+        let metrics = SqliteMetrics::open(&dir.path().join(analytics::DATABASE_FILE))
+            .await
+            .unwrap();
+        let summary = analytics::MetricStore::summary(&metrics, analytics::ORDERS_CREATED)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((summary.count, summary.average_value), (1, 2.0));
+
+        // A second delivery of the same event (as after a lost acknowledgement).
+        let again = http
+            .post(format!("http://127.0.0.1:{analytics_port}/events"))
+            .header("content-type", "application/json")
+            .body(delivered.payload.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), reqwest::StatusCode::OK);
+        let again: Value = again.json().await.unwrap();
+        assert_eq!(again["status"], "duplicate");
+        let summary = analytics::MetricStore::summary(&metrics, analytics::ORDERS_CREATED)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.count, 1);
+
+        shutdown.cancel();
+        for (_, _, task) in tasks {
+            task.await.unwrap().unwrap();
+        }
+        metrics.close().await;
+        shared.close().await;
     }
 
     #[tokio::test]

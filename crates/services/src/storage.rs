@@ -17,6 +17,7 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, sqlite::SqliteRow};
 
 use crate::database::{self, Schema};
+use crate::outbox::{self, Event, SqliteOutbox};
 
 /// A stored user, exactly the body the users contract returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,8 +104,9 @@ pub trait UserStore: Send + Sync {
     fn list_users(&self) -> impl Future<Output = Result<Vec<User>, StorageError>> + Send;
     /// One user, `None` if there is none with this id.
     fn user(&self, id: i64) -> impl Future<Output = Result<Option<User>, StorageError>> + Send;
-    /// Stores a new user under a fresh id. [`StorageError::EmailTaken`] if the email is
-    /// already used.
+    /// Stores a new user under a fresh id, and its `user.created` event in the outbox in
+    /// the same transaction (both or neither). [`StorageError::EmailTaken`] if the email
+    /// is already used.
     fn create_user(
         &self,
         user: &NewUser,
@@ -132,7 +134,8 @@ pub trait OrderStore: Send + Sync {
     ) -> impl Future<Output = Result<Vec<Order>, StorageError>> + Send;
     /// One order, `None` if there is none with this id.
     fn order(&self, id: i64) -> impl Future<Output = Result<Option<Order>, StorageError>> + Send;
-    /// Stores a new order under a fresh id.
+    /// Stores a new order under a fresh id, and its `order.created` event in the outbox
+    /// in the same transaction (both or neither).
     fn create_order(
         &self,
         order: &NewOrder,
@@ -165,13 +168,11 @@ INSERT OR IGNORE INTO orders (id, user_id, products) VALUES
     (3, 2, '["Keyboard"]'),
     (4, 2, '["Monitor"]'),
     (5, 3, '["Headphones"]');
-PRAGMA user_version = 1;
 "#;
 
-/// The schema this code writes; bump the version and add a step to migrate.
+/// The schema this code writes; append a step to migrate.
 const SCHEMA: Schema = Schema {
-    version: 1,
-    script: SCHEMA_V1,
+    steps: &[SCHEMA_V1, outbox::SCHEMA_STEP],
 };
 
 /// Users and orders in one SQLite file (WAL mode, so readers never wait for writers).
@@ -188,6 +189,12 @@ impl SqliteStore {
     pub async fn open(path: &Path) -> Result<Self, StorageError> {
         let pool = database::open(path, SCHEMA, 8).await?;
         Ok(Self { pool })
+    }
+
+    /// The outbox of this database: where `user.created` and `order.created` wait for
+    /// the relay. Shares this store's pool.
+    pub fn outbox(&self) -> SqliteOutbox {
+        SqliteOutbox::new(self.pool.clone())
     }
 
     /// Closes every connection; later calls fail. Lets a process finish its writes
@@ -262,14 +269,20 @@ impl UserStore for SqliteStore {
         let sql = format!(
             "INSERT INTO users (name, email, age) VALUES (?, ?, ?) RETURNING {USER_COLUMNS}"
         );
+        // IMMEDIATE: take the write lock before the first statement, so the insert and
+        // the event wait for other writers together instead of failing half-way busy.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(&sql)
             .bind(&user.name)
             .bind(&user.email)
             .bind(user.age)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
             .map_err(email_conflict)?;
-        user_from_row(&row)
+        let created = user_from_row(&row)?;
+        outbox::append(&mut tx, &Event::user_created(&created)).await?;
+        tx.commit().await?;
+        Ok(created)
     }
 
     async fn replace_user(&self, id: i64, user: &NewUser) -> Result<Option<User>, StorageError> {
@@ -317,14 +330,18 @@ impl OrderStore for SqliteStore {
 
     async fn create_order(&self, order: &NewOrder) -> Result<Order, StorageError> {
         let products = serde_json::Value::from(order.products.clone()).to_string();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(
             "INSERT INTO orders (user_id, products) VALUES (?, ?) RETURNING id, user_id, products",
         )
         .bind(order.user_id)
         .bind(products)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        order_from_row(&row)
+        let created = order_from_row(&row)?;
+        outbox::append(&mut tx, &Event::order_created(&created)).await?;
+        tx.commit().await?;
+        Ok(created)
     }
 }
 
@@ -440,6 +457,35 @@ mod tests {
             "a deleted seed user stays deleted"
         );
         assert_eq!(store.user(created.id).await.unwrap(), Some(created));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_1_file_gains_the_outbox_and_keeps_its_data() {
+        let dir = TempDir::new("migrate-v1");
+        let v1 = Schema {
+            steps: &[SCHEMA_V1],
+        };
+        let pool = database::open(&dir.db(), v1, 1).await.unwrap();
+        sqlx::query("DELETE FROM users WHERE id = 1")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        assert_eq!(
+            store.user(1).await.unwrap(),
+            None,
+            "step 1 is not run again"
+        );
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(version, 2);
+        store.create_user(&ada()).await.unwrap();
+        assert_eq!(store.outbox().records().await.unwrap().len(), 1);
         store.close().await;
     }
 

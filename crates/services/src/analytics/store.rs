@@ -15,6 +15,14 @@ use crate::storage::StorageError;
 pub trait MetricStore: Send + Sync {
     /// Stores `metric` durably. A failed record has stored nothing.
     fn record(&self, metric: &NewMetric) -> impl Future<Output = Result<(), StorageError>> + Send;
+    /// Stores `metric` as the effect of event `event_id` of type `event_type`, unless
+    /// that event was processed before: the dedup mark and the metric commit together.
+    fn record_event(
+        &self,
+        event_id: &str,
+        event_type: &str,
+        metric: &NewMetric,
+    ) -> impl Future<Output = Result<Applied, StorageError>> + Send;
     /// Count and mean value of the metrics of type `kind`; `None` when there are none.
     fn summary(
         &self,
@@ -22,9 +30,18 @@ pub trait MetricStore: Send + Sync {
     ) -> impl Future<Output = Result<Option<Summary>, StorageError>> + Send;
 }
 
+/// Whether an event's effect was applied by this call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// First delivery: the effect is stored.
+    New,
+    /// The event id was processed before; nothing changed.
+    Duplicate,
+}
+
 const SCHEMA: Schema = Schema {
-    version: 1,
-    script: r#"
+    steps: &[
+        r#"
 CREATE TABLE IF NOT EXISTS metrics (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     type         TEXT    NOT NULL,
@@ -34,8 +51,16 @@ CREATE TABLE IF NOT EXISTS metrics (
     received_ms  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metrics_by_type ON metrics (type);
-PRAGMA user_version = 1;
 "#,
+        // Events consumed (by id), written in the transaction of their effect.
+        r#"
+CREATE TABLE IF NOT EXISTS processed_events (
+    id          TEXT    PRIMARY KEY NOT NULL,
+    type        TEXT    NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+"#,
+    ],
 };
 
 /// Metrics in one SQLite file (WAL mode). Cheap to clone: clones share one pool.
@@ -59,20 +84,54 @@ impl SqliteMetrics {
     }
 }
 
+const INSERT_METRIC: &str = "INSERT INTO metrics (type, value, timestamp, timestamp_ms, \
+     received_ms) VALUES (?, ?, ?, ?, ?)";
+
 impl MetricStore for SqliteMetrics {
     async fn record(&self, metric: &NewMetric) -> Result<(), StorageError> {
-        sqlx::query(
-            "INSERT INTO metrics (type, value, timestamp, timestamp_ms, received_ms) \
-             VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&metric.kind)
-        .bind(metric.value)
-        .bind(&metric.timestamp)
-        .bind(metric.timestamp_ms)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(INSERT_METRIC)
+            .bind(&metric.kind)
+            .bind(metric.value)
+            .bind(&metric.timestamp)
+            .bind(metric.timestamp_ms)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
         Ok(())
+    }
+
+    async fn record_event(
+        &self,
+        event_id: &str,
+        event_type: &str,
+        metric: &NewMetric,
+    ) -> Result<Applied, StorageError> {
+        // IMMEDIATE: two deliveries of one event serialise on the write lock, and the
+        // second sees the first one's mark.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        let marked = sqlx::query(
+            "INSERT OR IGNORE INTO processed_events (id, type, received_ms) VALUES (?, ?, ?)",
+        )
+        .bind(event_id)
+        .bind(event_type)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if marked.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(Applied::Duplicate);
+        }
+        sqlx::query(INSERT_METRIC)
+            .bind(&metric.kind)
+            .bind(metric.value)
+            .bind(&metric.timestamp)
+            .bind(metric.timestamp_ms)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Applied::New)
     }
 
     async fn summary(&self, kind: &str) -> Result<Option<Summary>, StorageError> {

@@ -577,3 +577,135 @@ fn bad_settings_name_the_variable() {
     let err = AnalyticsSettings::from_lookup_and(&|_| None, &flags).unwrap_err();
     assert_eq!(err.setting, "external");
 }
+
+fn order_event(id: &str, products: usize) -> String {
+    let products: Vec<String> = (0..products).map(|i| format!("p{i}")).collect();
+    json!({
+        "id": id,
+        "type": "order.created",
+        "occurredAt": "2026-02-15T10:00:00.000Z",
+        "data": {"orderId": 6, "userId": 2, "products": products,
+                 "timestamp": "2026-02-15T10:00:00.000Z"},
+    })
+    .to_string()
+}
+
+async fn post_event(app: &Router, body: &str) -> Answer {
+    send(app, "POST", "/events", Some(body), PEER, None).await
+}
+
+#[tokio::test]
+async fn an_event_is_applied_once_however_often_it_arrives() {
+    // A rate limit of 1 shows that internal events are not limited.
+    let settings = AnalyticsSettings {
+        rate_limit_max: 1,
+        ..AnalyticsSettings::default()
+    };
+    let w = world("events-once", &settings, ScriptedUpstream::answering()).await;
+    let first = post_event(&w.app, &order_event("e1", 3)).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(first.body, json!({"status": "processed", "id": "e1"}));
+    for _ in 0..3 {
+        let again = post_event(&w.app, &order_event("e1", 3)).await;
+        assert_eq!(again.status, StatusCode::OK);
+        assert_eq!(again.body, json!({"status": "duplicate", "id": "e1"}));
+    }
+    let summary = get(&w.app, "/api/metrics/summary?type=orders_created").await;
+    assert_eq!(
+        summary.body,
+        json!({"type": "orders_created", "count": 1, "average_value": 3.0})
+    );
+    // A new event invalidates the cached summary.
+    assert_eq!(
+        post_event(&w.app, &order_event("e2", 1)).await.body["status"],
+        "processed"
+    );
+    let summary = get(&w.app, "/api/metrics/summary?type=orders_created").await;
+    assert_eq!(summary.body["count"], 2);
+    assert_eq!(header(&summary, "x-cache"), "MISS");
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_apply_once() {
+    let w = world(
+        "events-race",
+        &AnalyticsSettings::default(),
+        ScriptedUpstream::answering(),
+    )
+    .await;
+    let body = order_event("race", 2);
+    let answers = futures_join(&w.app, &body).await;
+    let processed = answers
+        .iter()
+        .filter(|a| a.body["status"] == "processed")
+        .count();
+    assert_eq!(
+        processed,
+        1,
+        "{:?}",
+        answers.iter().map(|a| &a.body).collect::<Vec<_>>()
+    );
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    let summary = w.store.summary(ORDERS_CREATED).await.unwrap().unwrap();
+    assert_eq!(summary.count, 1);
+}
+
+/// Sends `body` to `/events` eight times at once.
+async fn futures_join(app: &Router, body: &str) -> Vec<Answer> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (app, body) = (app.clone(), body.to_owned());
+        tasks.spawn(async move { post_event(&app, &body).await });
+    }
+    let mut answers = Vec::new();
+    while let Some(answer) = tasks.join_next().await {
+        answers.push(answer.unwrap());
+    }
+    answers
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_events_are_refused_and_change_nothing() {
+    let w = world(
+        "events-bad",
+        &AnalyticsSettings::default(),
+        ScriptedUpstream::answering(),
+    )
+    .await;
+    let user = json!({"id": "u1", "type": "user.created", "occurredAt": "2026-02-15T10:00:00Z",
+                      "data": {"userId": 4, "email": "a@b.c"}});
+    let a = post_event(&w.app, &user.to_string()).await;
+    assert_eq!(a.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        a.body,
+        json!({"error": "Unknown event type 'user.created'"})
+    );
+
+    let a = post_event(&w.app, "{not json").await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert!(
+        a.body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("Malformed JSON"),
+        "{}",
+        a.body
+    );
+
+    let no_products = order_event("e1", 0);
+    let a = post_event(&w.app, &no_products).await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        a.body,
+        json!({"error": "Field 'data.products' must be a non-empty array of strings"})
+    );
+    // A refused event did not mark its id: the valid one is applied.
+    assert_eq!(
+        post_event(&w.app, &order_event("e1", 1)).await.body["status"],
+        "processed"
+    );
+    let big = "x".repeat(70_000);
+    let a = post_event(&w.app, &big).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(w.dir.path().exists());
+}

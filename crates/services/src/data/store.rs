@@ -37,15 +37,13 @@ pub trait DataStore: Send + Sync {
 }
 
 const SCHEMA: Schema = Schema {
-    version: 1,
-    script: r#"
+    steps: &[r#"
 CREATE TABLE IF NOT EXISTS records (
     id       TEXT    PRIMARY KEY NOT NULL,
     data     TEXT    NOT NULL CHECK (json_valid(data)),
     saved_at INTEGER NOT NULL
 );
-PRAGMA user_version = 1;
-"#,
+"#],
 };
 
 /// Connections per shard file; shards spread the load, so a few each suffice.

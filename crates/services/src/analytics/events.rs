@@ -1,0 +1,278 @@
+//! `POST /events`: the analytics service as a consumer of other services' events.
+//!
+//! Delivery is at least once, so each event is applied once by its id: the id is
+//! marked processed in the same transaction as the effect (see
+//! [`MetricStore::record_event`]). `order.created` becomes one metric of type
+//! [`ORDERS_CREATED`] whose value is the number of products and whose timestamp is the
+//! event's `occurredAt`. Answers: 200 `{"status":"processed"}` or
+//! `{"status":"duplicate"}`; 400 for a body that is not an event; 422 for an event
+//! type analytics does not consume.
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use breakwater_runtime::http::{ApiError, Json};
+use serde_json::{Map, Value, json};
+
+use super::metric::{NewMetric, parse_timestamp};
+use super::store::{Applied, MetricStore};
+use super::{AnalyticsState, Shared, SummaryCache};
+use crate::outbox::ORDER_CREATED;
+
+/// The metric type an `order.created` event is recorded as.
+pub const ORDERS_CREATED: &str = "orders_created";
+
+/// Largest event body; an order carries at most 100 short product names.
+const MAX_EVENT_BYTES: usize = 64 * 1024;
+/// Longest event id accepted (ours are 32 hex digits).
+const MAX_ID_CHARS: usize = 128;
+
+/// An event checked far enough to apply.
+#[derive(Debug, Clone, PartialEq)]
+struct Incoming {
+    id: String,
+    kind: String,
+    metric: NewMetric,
+}
+
+/// Why a body is refused, and with which status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refusal {
+    /// Not an event: 400.
+    Malformed(String),
+    /// An event of a type not consumed here: 422.
+    Unknown(String),
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Malformed(message) => ApiError::bad_request(message),
+            Refusal::Unknown(kind) => {
+                ApiError::unprocessable(format!("Unknown event type '{kind}'"))
+            }
+        }
+    }
+}
+
+pub(super) async fn consume<S: MetricStore, C: SummaryCache, U>(
+    State(state): Shared<S, C, U>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_EVENT_BYTES)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Event must be at most {MAX_EVENT_BYTES} bytes"),
+            )
+        })?;
+    let body: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("Malformed JSON: {e}")))?;
+    let event = parse_event(&body)?;
+    apply(&state, &event).await
+}
+
+async fn apply<S: MetricStore, C: SummaryCache, U>(
+    state: &AnalyticsState<S, C, U>,
+    event: &Incoming,
+) -> Result<Response, ApiError> {
+    let applied = state
+        .store
+        .record_event(&event.id, &event.kind, &event.metric)
+        .await?;
+    let status = match applied {
+        Applied::New => {
+            // After the commit, as for `POST /api/metrics`.
+            state.cache.invalidate(&event.metric.kind).await;
+            tracing::info!(event = %event.id, kind = %event.kind, "event applied");
+            "processed"
+        }
+        Applied::Duplicate => {
+            tracing::info!(event = %event.id, kind = %event.kind, "duplicate event ignored");
+            "duplicate"
+        }
+    };
+    Ok(Json(json!({"status": status, "id": event.id})).into_response())
+}
+
+/// Checks the envelope `{id, type, occurredAt, data}` and the data of the types
+/// consumed here.
+fn parse_event(body: &Value) -> Result<Incoming, Refusal> {
+    let malformed = |m: &str| Refusal::Malformed(m.to_owned());
+    let fields = body
+        .as_object()
+        .ok_or_else(|| malformed("Event must be a JSON object"))?;
+    let id = fields
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| {
+            !id.is_empty()
+                && id.chars().count() <= MAX_ID_CHARS
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+        .ok_or_else(|| {
+            Refusal::Malformed(format!(
+                "Field 'id' must be a string of 1 to {MAX_ID_CHARS} letters, digits, '-', '_' or '.'"
+            ))
+        })?;
+    let kind = fields
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|k| !k.trim().is_empty())
+        .ok_or_else(|| malformed("Field 'type' must be a non-empty string"))?;
+    let occurred_at = fields
+        .get("occurredAt")
+        .and_then(Value::as_str)
+        .ok_or_else(|| malformed("Field 'occurredAt' must be an ISO-8601 date-time string"))?;
+    let occurred_ms = parse_timestamp(occurred_at)
+        .ok_or_else(|| malformed("Field 'occurredAt' must be an ISO-8601 date-time string"))?;
+    let data = fields
+        .get("data")
+        .and_then(Value::as_object)
+        .ok_or_else(|| malformed("Field 'data' must be an object"))?;
+    let value = match kind {
+        ORDER_CREATED => order_created_value(data)?,
+        other => return Err(Refusal::Unknown(other.to_owned())),
+    };
+    Ok(Incoming {
+        id: id.to_owned(),
+        kind: kind.to_owned(),
+        metric: NewMetric {
+            timestamp: occurred_at.to_owned(),
+            timestamp_ms: occurred_ms,
+            value,
+            kind: ORDERS_CREATED.to_owned(),
+        },
+    })
+}
+
+/// The metric value of an `order.created`: its number of products.
+fn order_created_value(data: &Map<String, Value>) -> Result<f64, Refusal> {
+    for key in ["orderId", "userId"] {
+        if data
+            .get(key)
+            .and_then(Value::as_i64)
+            .is_none_or(|id| id <= 0)
+        {
+            return Err(Refusal::Malformed(format!(
+                "Field 'data.{key}' must be a positive integer"
+            )));
+        }
+    }
+    let products = data
+        .get("products")
+        .and_then(Value::as_array)
+        .filter(|items| !items.is_empty() && items.iter().all(Value::is_string))
+        .ok_or_else(|| {
+            Refusal::Malformed(
+                "Field 'data.products' must be a non-empty array of strings".to_owned(),
+            )
+        })?;
+    // At most 64 KiB of body: the count fits an f64 exactly.
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "a product count bounded by the body size is exact in f64"
+    )]
+    Ok(products.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order_event(id: &str) -> Value {
+        json!({
+            "id": id,
+            "type": "order.created",
+            "occurredAt": "2026-02-15T10:00:00.000Z",
+            "data": {"orderId": 6, "userId": 2, "products": ["Pen", "Ink"],
+                     "timestamp": "2026-02-15T10:00:00.000Z"},
+        })
+    }
+
+    #[test]
+    fn an_order_created_becomes_a_metric_of_its_product_count() {
+        let event = parse_event(&order_event("abc123")).unwrap();
+        assert_eq!(event.id, "abc123");
+        assert_eq!(event.kind, "order.created");
+        assert_eq!(
+            event.metric,
+            NewMetric {
+                timestamp: "2026-02-15T10:00:00.000Z".into(),
+                timestamp_ms: 1_771_149_600_000,
+                value: 2.0,
+                kind: "orders_created".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_types_and_malformed_events_are_told_apart() {
+        let mut user = order_event("u1");
+        user["type"] = json!("user.created");
+        assert_eq!(
+            parse_event(&user),
+            Err(Refusal::Unknown("user.created".into()))
+        );
+        let cases: Vec<(Value, &str)> = vec![
+            (json!([]), "Event must be a JSON object"),
+            (
+                {
+                    let mut e = order_event("x");
+                    e["id"] = json!("has space");
+                    e
+                },
+                "Field 'id'",
+            ),
+            (
+                {
+                    let mut e = order_event("x");
+                    e["type"] = json!("");
+                    e
+                },
+                "Field 'type'",
+            ),
+            (
+                {
+                    let mut e = order_event("x");
+                    e["occurredAt"] = json!("soon");
+                    e
+                },
+                "Field 'occurredAt'",
+            ),
+            (
+                {
+                    let mut e = order_event("x");
+                    e["data"] = json!(1);
+                    e
+                },
+                "Field 'data'",
+            ),
+            (
+                {
+                    let mut e = order_event("x");
+                    e["data"]["products"] = json!([]);
+                    e
+                },
+                "Field 'data.products'",
+            ),
+            (
+                {
+                    let mut e = order_event("x");
+                    e["data"]["orderId"] = json!("6");
+                    e
+                },
+                "Field 'data.orderId'",
+            ),
+        ];
+        for (body, start) in cases {
+            match parse_event(&body) {
+                Err(Refusal::Malformed(m)) => assert!(m.starts_with(start), "{m} / {body}"),
+                other => panic!("{body}: {other:?}"),
+            }
+        }
+    }
+}
