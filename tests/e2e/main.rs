@@ -9,4 +9,6 @@
 )]
 
 mod bad_flags_exit_64;
+mod dashboards_in_a_browser;
+mod system;
 mod up_survives_instance_crash;

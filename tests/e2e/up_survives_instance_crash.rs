@@ -3,11 +3,8 @@
 //! written, a users instance killed with SIGKILL under load costs no client request and
 //! comes back registered, and Ctrl-C leaves no process behind and every port free.
 
-use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,129 +13,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-/// Every port flag of `up`, each given 0 (a free port).
-const FREE_PORTS: [&str; 7] = [
-    "--registry-port",
-    "--gateway-port",
-    "--users-port",
-    "--orders-port",
-    "--analytics-port",
-    "--data-port",
-    "--unstable-port",
-];
-
-/// The running `up` process, its data directory and its captured output. Dropping it
-/// kills whatever is still running, so a failing test leaves nothing behind.
-struct System {
-    up: Child,
-    data_dir: PathBuf,
-    output: Arc<Mutex<String>>,
-}
-
-impl System {
-    fn start() -> Self {
-        let data_dir = std::env::temp_dir().join(format!(
-            "breakwater-e2e-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&data_dir).unwrap();
-        let mut up = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-            .arg("up")
-            .args(FREE_PORTS.iter().flat_map(|flag| [*flag, "0"]))
-            .args(["--heartbeat-interval", "1", "--data-dir"])
-            .arg(&data_dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start breakwater up");
-        let output = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(up.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(up.stderr.take().unwrap()),
-        ] {
-            let output = Arc::clone(&output);
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    output
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        Self {
-            up,
-            data_dir,
-            output,
-        }
-    }
-
-    fn state(&self) -> Option<Value> {
-        let text = std::fs::read_to_string(self.data_dir.join("up.json")).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    async fn wait_ready(&mut self) -> Value {
-        for _ in 0..1200 {
-            if let Some(state) = self.state().filter(|s| s["ready"] == true) {
-                return state;
-            }
-            if let Ok(Some(status)) = self.up.try_wait() {
-                panic!("up exited early with {status}:\n{}", self.output());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("system not ready within 120 s:\n{}", self.output());
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-}
-
-impl Drop for System {
-    fn drop(&mut self) {
-        if let Some(state) = self.state() {
-            for pid in pids(&state).values() {
-                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-            }
-        }
-        let _ = self.up.kill();
-        let _ = self.up.wait();
-        if std::thread::panicking() {
-            eprintln!("---- breakwater up output ----\n{}", self.output());
-        }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
-    }
-}
-
-fn pids(state: &Value) -> BTreeMap<String, i32> {
-    state["processes"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter_map(|(name, p)| Some((name.clone(), i32::try_from(p["pid"].as_u64()?).ok()?)))
-        .collect()
-}
-
-fn url_of(state: &Value, name: &str) -> String {
-    state["processes"][name]["url"].as_str().unwrap().to_owned()
-}
-
-fn port_of(state: &Value, name: &str) -> u16 {
-    u16::try_from(state["processes"][name]["port"].as_u64().unwrap()).unwrap()
-}
+use crate::system::{System, pids, port_of, url_of};
 
 async fn call(
     http: &reqwest::Client,

@@ -8,18 +8,23 @@
 //!   returns and reloads (the last 100 first, then live).
 //! - `POST /admin/reload`: re-reads the config file; 400 with the error if it does not
 //!   validate (the running config stays).
+//! - `GET /admin/stats?seconds=N`: the dashboard's charts, per route requests/s, error
+//!   rate and p50/p99 latency for each of the last N seconds (default 300), and each
+//!   instance's attempts and failures ([`stats`]).
 //!
 //! Access: open when the gateway listens on loopback only; otherwise it needs
 //! `Authorization: Bearer <token>` (the token from `BREAKWATER_ADMIN_TOKEN` or the
 //! file's `admin.token`), and with no token configured the admin API does not exist
 //! (404), so a public gateway never exposes it by accident.
 
-use axum::Router;
-use axum::extract::{Request, State};
+use std::sync::Arc;
+
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use breakwater_runtime::http::{ApiError, Json};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -29,13 +34,25 @@ use crate::policy::{Policy, RateKey};
 use crate::route::Route;
 use crate::server::GatewayState;
 
+pub mod stats;
+
+use stats::{HISTORY_SECONDS, TrafficHistory};
+
 /// The admin routes, to be nested under `/admin`, behind the access check.
 pub fn router(state: GatewayState) -> Router<GatewayState> {
+    let history = Arc::new(TrafficHistory::new());
+    stats::spawn_sampler(&history, state.clone());
     Router::new()
         .route("/routes", get(routes).fallback(errors::wrong_method))
         .route("/services", get(services).fallback(errors::wrong_method))
         .route("/events", get(events).fallback(errors::wrong_method))
         .route("/reload", post(reload).fallback(errors::wrong_method))
+        .route(
+            "/stats",
+            get(traffic)
+                .fallback(errors::wrong_method)
+                .layer(Extension(history)),
+        )
         .route_layer(middleware::from_fn_with_state(state, guard))
 }
 
@@ -193,6 +210,56 @@ async fn services(State(state): State<GatewayState>) -> Json<Value> {
     Json(json!({ "services": services }))
 }
 
+/// The query of `GET /admin/stats`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    seconds: Option<String>,
+}
+
+/// `GET /admin/stats`.
+async fn traffic(
+    Extension(history): Extension<Arc<TrafficHistory>>,
+    query: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let seconds = match query {
+        Err(e) => {
+            return ApiError::bad_request(format!("Invalid query: {}", e.body_text()))
+                .into_response();
+        }
+        Ok(Query(StatsQuery { seconds: None })) => HISTORY_SECONDS,
+        Ok(Query(StatsQuery {
+            seconds: Some(text),
+        })) => match text.parse::<usize>() {
+            Ok(n) if (1..=HISTORY_SECONDS).contains(&n) => n,
+            _ => {
+                return ApiError::bad_request(format!(
+                    "seconds must be a whole number from 1 to {HISTORY_SECONDS}, not {text:?}"
+                ))
+                .into_response();
+            }
+        },
+    };
+    let instances: Vec<Value> = history
+        .instances()
+        .into_iter()
+        .map(|((service, instance), totals)| {
+            json!({
+                "service": service,
+                "instance": instance,
+                "attempts": totals.attempts,
+                "failures": totals.failures,
+            })
+        })
+        .collect();
+    Json(json!({
+        "interval_ms": 1000,
+        "seconds": history.last(seconds),
+        "instances": instances,
+    }))
+    .into_response()
+}
+
 /// `GET /admin/events`.
 async fn events(State(state): State<GatewayState>) -> Response {
     crate::events::sse(state.events())
@@ -224,5 +291,64 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    async fn get(app: Router, uri: &str) -> (StatusCode, Value) {
+        use tower::ServiceExt as _;
+        let res = app
+            .oneshot(
+                axum::http::Request::get(uri)
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = res.status();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_fill_once_a_second_and_check_their_query() {
+        let mut config = crate::GatewayConfig::new(8000, "http://127.0.0.1:9");
+        config.listener_loopback = true;
+        let state = GatewayState::new(config).unwrap();
+        let app = crate::app(state.clone());
+        for _ in 0..3 {
+            state.metrics().request(
+                "users",
+                &axum::http::Method::GET,
+                200,
+                std::time::Duration::from_millis(2),
+            );
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        let (status, body) = get(app.clone(), "/admin/stats?seconds=60").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let seconds = body["seconds"].as_array().unwrap();
+        assert!(!seconds.is_empty(), "{body}");
+        let requests: u64 = seconds
+            .iter()
+            .map(|s| s["total"]["requests"].as_u64().unwrap())
+            .sum();
+        assert!(requests >= 1, "{body}");
+        assert!(
+            seconds
+                .iter()
+                .any(|s| s["routes"]["users"]["p50_ms"].is_number())
+        );
+
+        for bad in ["0", "301", "x", "-1"] {
+            let (status, body) = get(app.clone(), &format!("/admin/stats?seconds={bad}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(
+                body["error"].as_str().unwrap().contains("seconds"),
+                "{body}"
+            );
+        }
+        let (status, _) = get(app, "/admin/stats?nonsense=1").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 }

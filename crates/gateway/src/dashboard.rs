@@ -1,5 +1,7 @@
 //! `GET /`: the gateway dashboard, one self-contained HTML page (inline CSS and vanilla
-//! JS) that calls the gateway's own endpoints.
+//! JS, no third-party file) that calls the gateway's own endpoints: the seed's four
+//! sections, then services with their instances and breakers (`/admin/services`, live
+//! through `/admin/events`), and SVG charts of the last minutes (`/admin/stats`).
 
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
@@ -64,6 +66,15 @@ mod tests {
             "id=\"health\"",
             "id=\"refresh-slider\"",
             "id=\"refresh-all\"",
+            "id=\"services\"",
+            "id=\"traffic\"",
+            "id=\"events\"",
+            "id=\"chart-rps\"",
+            "id=\"chart-latency\"",
+            "id=\"chart-errors\"",
+            "id=\"next-refresh\"",
+            "/admin/stats",
+            "/admin/events",
         ] {
             assert!(page.contains(id), "missing {id}");
         }

@@ -1,11 +1,17 @@
-//! The registry's server-rendered HTML page: services and their live instances. Every
-//! value comes from registrants, so every value is escaped.
+//! The registry dashboard (`GET /`): one self-contained page (`dashboard.html`, inline
+//! CSS and JS). The server fills in the current services so the page is useful at once
+//! (and without JavaScript); the script then keeps it live from `/services` and
+//! `/health`: counting heartbeat ages, counts and uptime, registering by hand
+//! (`POST /register`) and removing (`DELETE /services/:name/:port?host=`). Every value
+//! comes from registrants, so the server escapes it and the script only sets text.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::wire::Instance;
+
+const TEMPLATE: &str = include_str!("dashboard.html");
 
 /// Renders the page for `services` at wall-clock `now_ms`.
 pub(super) fn render(
@@ -14,52 +20,64 @@ pub(super) fn render(
     uptime_secs: u64,
 ) -> String {
     let instances: usize = services.values().map(Vec::len).sum();
+    // Registrant text goes in last, so a value that looks like a placeholder stays text.
+    TEMPLATE
+        .replace("{{SERVICES}}", &services.len().to_string())
+        .replace("{{INSTANCES}}", &instances.to_string())
+        .replace("{{UPTIME}}", &format!("{uptime_secs} s"))
+        .replace(
+            "{{SUMMARY}}",
+            &format!(
+                "{} services, {instances} instances, up {uptime_secs} s",
+                services.len()
+            ),
+        )
+        .replace("{{SERVICES_HTML}}", &tables(services, now_ms))
+}
+
+/// The services as plain tables, as the script would draw them.
+fn tables(services: &BTreeMap<String, Vec<Instance>>, now_ms: u64) -> String {
     let mut html = String::with_capacity(2048);
-    html.push_str(concat!(
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
-        "<meta http-equiv=\"refresh\" content=\"5\">",
-        "<title>Service Registry</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:2rem;color:#222}",
-        "table{border-collapse:collapse;margin-bottom:1.5rem}",
-        "th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}",
-        "th{background:#f3f3f3}.healthy{color:#176f2c}",
-        "</style></head><body><h1>Service Registry</h1>\n"
-    ));
-    let _ = writeln!(
-        html,
-        "<p>{} services, {instances} instances, up {uptime_secs} s</p>",
-        services.len()
-    );
     if services.is_empty() {
-        html.push_str("<p>No service is registered.</p>\n");
+        html.push_str("<p class=\"muted\">No service is registered.</p>\n");
     }
     for (name, list) in services {
-        let _ = writeln!(html, "<h2>{} ({})</h2>", escape(name), list.len());
+        let _ = writeln!(
+            html,
+            "<div data-service=\"{}\"><h3>{} ({})</h3>",
+            escape(name),
+            escape(name),
+            list.len()
+        );
         html.push_str(concat!(
-            "<table><tr><th>Instance</th><th>Address</th><th>Status</th>",
-            "<th>Heartbeat interval</th><th>Last heartbeat</th><th>Registered</th>",
-            "<th>Metadata</th></tr>\n"
+            "<table><thead><tr><th>Instance</th><th>Address</th><th>Status</th>",
+            "<th>Heartbeat</th><th>Interval</th><th>Registered</th><th>Metadata</th>",
+            "</tr></thead><tbody>\n"
         ));
         for i in list {
             let ago = now_ms.saturating_sub(i.last_heartbeat) / 1000;
             let metadata = serde_json::Value::Object(i.metadata.clone()).to_string();
             let _ = writeln!(
                 html,
-                "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{} s</td>\
-                 <td>{} ({ago} s ago)</td><td>{}</td><td><code>{}</code></td></tr>",
+                "<tr data-instance=\"{}\"><td>{}</td><td>{}</td>\
+                 <td><span class=\"badge {}\">{}</span></td>\
+                 <td data-heartbeat=\"{}\" data-interval=\"{}\">{} ({ago} s ago)</td>\
+                 <td>{} s</td><td>{}</td><td><code>{}</code></td></tr>",
+                escape(&i.id),
                 escape(&i.id),
                 escape(&i.base_url()),
                 escape(&i.status),
                 escape(&i.status),
+                i.last_heartbeat,
                 i.heartbeat_interval,
                 iso(i.last_heartbeat),
+                i.heartbeat_interval,
                 iso(i.registered_at),
                 escape(&metadata),
             );
         }
-        html.push_str("</table>\n");
+        html.push_str("</tbody></table></div>\n");
     }
-    html.push_str("</body></html>\n");
     html
 }
 
@@ -112,12 +130,41 @@ mod tests {
         };
         let services = BTreeMap::from([("svc".to_owned(), vec![inst])]);
         let html = render(&services, 11_000, 5);
-        assert!(html.contains("<h2>svc (1)</h2>"), "{html}");
+        assert!(html.contains("<h3>svc (1)</h3>"), "{html}");
         assert!(html.contains("http://127.0.0.1:4000"));
         assert!(html.contains("1970-01-01T00:00:01.000Z (10 s ago)"));
         assert!(html.contains("1 services, 1 instances, up 5 s"));
-        assert!(!html.contains("<script>"));
+        assert!(!html.contains("<script>alert"));
         assert!(html.contains("&lt;script&gt;"));
         assert!(render(&BTreeMap::new(), 0, 0).contains("No service is registered."));
+    }
+
+    #[test]
+    fn registrant_text_cannot_fill_a_placeholder_or_load_a_file() {
+        let inst = Instance {
+            id: "svc-h-1".into(),
+            name: "svc".into(),
+            host: "h".into(),
+            port: 1,
+            heartbeat_interval: 30,
+            registered_at: 0,
+            last_heartbeat: 0,
+            status: "{{SUMMARY}}".into(),
+            metadata: serde_json::Map::new(),
+        };
+        let html = render(&BTreeMap::from([("svc".to_owned(), vec![inst])]), 0, 0);
+        assert!(html.contains(">{{SUMMARY}}</span>"), "left as text");
+        for id in [
+            "id=\"register-form\"",
+            "id=\"services-body\"",
+            "id=\"count-services\"",
+            "id=\"count-instances\"",
+            "id=\"uptime\"",
+            "id=\"auto-refresh\"",
+        ] {
+            assert!(html.contains(id), "missing {id}");
+        }
+        assert!(!html.contains("<script src"), "self-contained");
+        assert!(!html.contains("<link"), "self-contained");
     }
 }
