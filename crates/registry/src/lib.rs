@@ -6,8 +6,10 @@
 //!   [`client::spawn_registration`] to keep an instance registered, and
 //!   [`client::Discovery`] to resolve names through a fresh/stale cache.
 //! - [`name`]: [`name::ServiceName`], the validated service name.
-//! - [`store`]: the instance table with exact expiry deadlines.
-//! - [`server`]: the registry's HTTP API (`app`), its expiry reaper, and `run`.
+//! - [`store`]: the instance table behind [`store::InstanceStore`]: in memory with exact
+//!   expiry deadlines, or in Redis (leases as expiring keys) so replicas share it.
+//! - [`server`]: the registry's HTTP API (`app`), its expiry reaper, and `run` /
+//!   `run_with` (memory or Redis store).
 
 pub mod client;
 pub mod name;

@@ -1,6 +1,6 @@
 //! The registry server: the HTTP API of the contract ([`app`]), the reaper that removes
-//! each instance at its expiry deadline ([`reap`]), and [`run`], which serves both until
-//! shutdown.
+//! each instance at its expiry deadline ([`reap`]), and [`run`] / [`run_with`], which
+//! serve both until shutdown over a memory or a shared (Redis) instance table.
 
 mod dashboard;
 mod request;
@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::store::{MemoryStore, Recorded, RemoveError};
+use crate::store::{InstanceStore, Recorded, RemoveError, Store, StoreChoice, StoreError};
 use crate::wire::{HeartbeatResponse, Instance, RegisterResponse, RemovedResponse, ServiceList};
 use request::{RawRegistration, normalise_host, normalise_ip};
 
@@ -34,7 +34,7 @@ use request::{RawRegistration, normalise_host, normalise_ip};
 /// start time. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct RegistryState {
-    store: Arc<MemoryStore>,
+    store: Store,
     /// Signalled when a deadline earlier than the one the reaper sleeps towards appears.
     sooner_deadline: Arc<Notify>,
     started: Instant,
@@ -47,17 +47,22 @@ impl Default for RegistryState {
 }
 
 impl RegistryState {
-    /// An empty registry started now.
+    /// An empty in-memory registry started now.
     pub fn new() -> Self {
+        Self::with_store(Store::default())
+    }
+
+    /// A registry started now over `store` (a shared one may already hold instances).
+    pub fn with_store(store: Store) -> Self {
         Self {
-            store: Arc::new(MemoryStore::new()),
+            store,
             sooner_deadline: Arc::new(Notify::new()),
             started: Instant::now(),
         }
     }
 
     /// The instance table.
-    pub fn store(&self) -> &MemoryStore {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -83,10 +88,40 @@ pub fn app(state: RegistryState) -> Router {
         .with_state(state)
 }
 
-/// Serves a fresh registry on `listener` until `shutdown` fires, with its reaper
-/// running alongside; returns once both have stopped.
+/// Why [`run_with`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The chosen store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving failed.
+    #[error("registry server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves a fresh in-memory registry on `listener` until `shutdown` fires, with its
+/// reaper running alongside; returns once both have stopped.
 pub async fn run(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    let state = RegistryState::new();
+    serve_state(listener, RegistryState::new(), shutdown).await
+}
+
+/// Like [`run`], over the chosen instance table: replicas given the same Redis URL and
+/// prefix serve one state. Fails early when the store cannot be opened.
+pub async fn run_with(
+    listener: TcpListener,
+    choice: StoreChoice,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let store = Store::open(&choice).await?;
+    Ok(serve_state(listener, RegistryState::with_store(store), shutdown).await?)
+}
+
+/// Serves `state` on `listener` with its reaper until `shutdown` fires.
+pub async fn serve_state(
+    listener: TcpListener,
+    state: RegistryState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "registry listening");
     }
@@ -108,7 +143,7 @@ const TICK: Duration = Duration::from_millis(1);
 /// the earliest deadline, and starts over whenever a sooner one is recorded.
 pub async fn reap(state: RegistryState, shutdown: CancellationToken) {
     loop {
-        let next = state.store.next_deadline();
+        let next = state.store.next_reap(Instant::now());
         let expiry = async {
             match next {
                 Some(deadline) => tokio::time::sleep_until(deadline + TICK).await,
@@ -119,7 +154,15 @@ pub async fn reap(state: RegistryState, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = state.sooner_deadline.notified() => {}
             () = expiry => {
-                for inst in state.store.reap_expired(Instant::now()) {
+                let expired = match state.store.reap_expired(Instant::now()).await {
+                    Ok(expired) => expired,
+                    Err(err) => {
+                        // Reads already skip expired instances; the next sweep retries.
+                        tracing::warn!(error = %err, "registry reaper could not sweep the store");
+                        Vec::new()
+                    }
+                };
+                for inst in expired {
                     tracing::info!(
                         service = %inst.name, instance = %inst.id,
                         heartbeat_interval = inst.heartbeat_interval,
@@ -153,7 +196,11 @@ async fn register(
     Json(raw): Json<RawRegistration>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
     let reg = raw.validate(caller)?;
-    let rec = state.store.register(reg, Instant::now(), now_millis());
+    let rec = state
+        .store
+        .register(reg, Instant::now(), now_millis())
+        .await
+        .map_err(store_unavailable)?;
     state.recorded(&rec);
     let i = &rec.instance;
     tracing::info!(
@@ -173,7 +220,11 @@ async fn heartbeat(
     Json(raw): Json<RawRegistration>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let reg = raw.validate(caller)?;
-    let rec = state.store.heartbeat(reg, Instant::now(), now_millis());
+    let rec = state
+        .store
+        .heartbeat(reg, Instant::now(), now_millis())
+        .await
+        .map_err(store_unavailable)?;
     state.recorded(&rec);
     let i = &rec.instance;
     if rec.renewed {
@@ -191,17 +242,34 @@ async fn heartbeat(
     }))
 }
 
+/// A store failure is the registry's dependency being down: 503, and nothing changed.
+fn store_unavailable(err: StoreError) -> ApiError {
+    tracing::warn!(error = %err, "registry store failed");
+    ApiError::unavailable(err.to_string())
+}
+
 async fn services(
     State(state): State<RegistryState>,
     Path(name): Path<String>,
-) -> Json<ServiceList> {
-    Json(ServiceList {
-        services: state.store.list(&name, Instant::now()),
-    })
+) -> Result<Json<ServiceList>, ApiError> {
+    let services = state
+        .store
+        .list(&name, Instant::now())
+        .await
+        .map_err(store_unavailable)?;
+    Ok(Json(ServiceList { services }))
 }
 
-async fn all_services(State(state): State<RegistryState>) -> Json<BTreeMap<String, Vec<Instance>>> {
-    Json(state.store.list_all(Instant::now()))
+async fn all_services(
+    State(state): State<RegistryState>,
+) -> Result<Json<BTreeMap<String, Vec<Instance>>>, ApiError> {
+    Ok(Json(
+        state
+            .store
+            .list_all(Instant::now())
+            .await
+            .map_err(store_unavailable)?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -235,7 +303,13 @@ async fn remove(
     let removed = state
         .store
         .remove(&name, port, host.as_deref(), Instant::now())
-        .map_err(|e: RemoveError| ApiError::not_found(e.to_string()))?;
+        .await
+        .map_err(|e| match e {
+            RemoveError::Store(err) => store_unavailable(err),
+            e @ (RemoveError::ServiceNotFound | RemoveError::InstanceNotFound) => {
+                ApiError::not_found(e.to_string())
+            }
+        })?;
     for i in &removed {
         tracing::info!(service = %i.name, instance = %i.id, "instance deregistered");
     }
@@ -244,26 +318,34 @@ async fn remove(
     }))
 }
 
-async fn health(State(state): State<RegistryState>) -> Json<serde_json::Value> {
-    let all = state.store.list_all(Instant::now());
+async fn health(State(state): State<RegistryState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let all = state
+        .store
+        .list_all(Instant::now())
+        .await
+        .map_err(store_unavailable)?;
     let instances: usize = all.values().map(Vec::len).sum();
-    Json(serde_json::json!({
+    Ok(Json(serde_json::json!({
         "service": "service-registry",
         "status": "healthy",
         "timestamp": iso8601_now(),
         "uptimeSeconds": state.started.elapsed().as_secs(),
         "services": all.len(),
         "instances": instances,
-    }))
+    })))
 }
 
-async fn dashboard(State(state): State<RegistryState>) -> Html<String> {
-    let all = state.store.list_all(Instant::now());
-    Html(dashboard::render(
+async fn dashboard(State(state): State<RegistryState>) -> Result<Html<String>, ApiError> {
+    let all = state
+        .store
+        .list_all(Instant::now())
+        .await
+        .map_err(store_unavailable)?;
+    Ok(Html(dashboard::render(
         &all,
         now_millis(),
         state.started.elapsed().as_secs(),
-    ))
+    )))
 }
 
 #[cfg(test)]

@@ -1,14 +1,23 @@
-//! The instance table. Every method takes the current time as arguments (a
-//! `tokio::time::Instant` for deadlines, wall-clock milliseconds for the wire fields), so
-//! the expiry logic is tested without a runtime and the same calls could later go to a
-//! shared store (Redis) behind an async interface.
+//! The instance table, behind the [`InstanceStore`] trait with two implementations:
+//!
+//! - [`MemoryStore`], one process's table. Every method takes the current time as
+//!   arguments (a `tokio::time::Instant` for deadlines, wall-clock milliseconds for the
+//!   wire fields), so the expiry logic is tested without a runtime.
+//! - [`redis::RedisStore`], a table in Redis shared by several registry replicas, where
+//!   Redis's clock decides expiry (leases with `PX = 1.5 x heartbeatInterval`).
+//!
+//! [`Store`] is the one the server holds: either of them, chosen at start
+//! ([`StoreChoice`]).
 //!
 //! An instance is alive while `now - lastHeartbeat <= 1.5 x heartbeatInterval`, that is
 //! while `now <= deadline`. Reads skip instances past their deadline even before the
 //! reaper has removed them.
 
+pub mod redis;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -74,6 +83,82 @@ pub enum RemoveError {
     /// The service has live instances, none on that port (and host).
     #[error("Service instance not found")]
     InstanceNotFound,
+    /// The shared store could not be asked; nothing was removed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a shared store could not answer. The memory store never fails.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store's address or settings are unusable.
+    #[error("registry store misconfigured: {0}")]
+    Config(String),
+    /// The store could not be reached or refused the command; nothing was changed.
+    #[error("registry store unavailable: {0}")]
+    Unavailable(String),
+    /// The store holds data this registry cannot read.
+    #[error("registry store holds unreadable data: {0}")]
+    Corrupt(String),
+}
+
+impl From<::redis::RedisError> for StoreError {
+    fn from(err: ::redis::RedisError) -> Self {
+        Self::Unavailable(err.to_string())
+    }
+}
+
+/// What the registry server needs from an instance table. `now` is the caller's clock
+/// for stores that keep their own deadlines; a shared store uses its server's clock.
+pub trait InstanceStore: Send + Sync {
+    /// Records a new registration, replacing any instance with the same id.
+    fn register(
+        &self,
+        reg: Registration,
+        now: Instant,
+        wall_ms: u64,
+    ) -> impl Future<Output = Result<Recorded, StoreError>> + Send;
+
+    /// Renews a live instance (keeping `registeredAt`) or registers it anew.
+    fn heartbeat(
+        &self,
+        reg: Registration,
+        now: Instant,
+        wall_ms: u64,
+    ) -> impl Future<Output = Result<Recorded, StoreError>> + Send;
+
+    /// Removes the live instances of `name` on `port` (only the one on `host` when
+    /// given) and returns them.
+    fn remove(
+        &self,
+        name: &str,
+        port: u16,
+        host: Option<&str>,
+        now: Instant,
+    ) -> impl Future<Output = Result<Vec<Instance>, RemoveError>> + Send;
+
+    /// The live instances of `name`, ordered by id.
+    fn list(
+        &self,
+        name: &str,
+        now: Instant,
+    ) -> impl Future<Output = Result<Vec<Instance>, StoreError>> + Send;
+
+    /// Every service with at least one live instance.
+    fn list_all(
+        &self,
+        now: Instant,
+    ) -> impl Future<Output = Result<BTreeMap<String, Vec<Instance>>, StoreError>> + Send;
+
+    /// Removes and returns the instances that have expired by `now`.
+    fn reap_expired(
+        &self,
+        now: Instant,
+    ) -> impl Future<Output = Result<Vec<Instance>, StoreError>> + Send;
+
+    /// When the reaper should next call [`InstanceStore::reap_expired`]; `None` while
+    /// nothing can expire.
+    fn next_reap(&self, now: Instant) -> Option<Instant>;
 }
 
 #[derive(Debug)]
@@ -290,6 +375,220 @@ impl MemoryStore {
     /// Whether nothing is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl InstanceStore for MemoryStore {
+    async fn register(
+        &self,
+        reg: Registration,
+        now: Instant,
+        wall_ms: u64,
+    ) -> Result<Recorded, StoreError> {
+        Ok(MemoryStore::register(self, reg, now, wall_ms))
+    }
+
+    async fn heartbeat(
+        &self,
+        reg: Registration,
+        now: Instant,
+        wall_ms: u64,
+    ) -> Result<Recorded, StoreError> {
+        Ok(MemoryStore::heartbeat(self, reg, now, wall_ms))
+    }
+
+    async fn remove(
+        &self,
+        name: &str,
+        port: u16,
+        host: Option<&str>,
+        now: Instant,
+    ) -> Result<Vec<Instance>, RemoveError> {
+        MemoryStore::remove(self, name, port, host, now)
+    }
+
+    async fn list(&self, name: &str, now: Instant) -> Result<Vec<Instance>, StoreError> {
+        Ok(MemoryStore::list(self, name, now))
+    }
+
+    async fn list_all(&self, now: Instant) -> Result<BTreeMap<String, Vec<Instance>>, StoreError> {
+        Ok(MemoryStore::list_all(self, now))
+    }
+
+    async fn reap_expired(&self, now: Instant) -> Result<Vec<Instance>, StoreError> {
+        Ok(MemoryStore::reap_expired(self, now))
+    }
+
+    fn next_reap(&self, _now: Instant) -> Option<Instant> {
+        self.next_deadline()
+    }
+}
+
+/// How often the reaper sweeps a shared store's indexes. Reads already skip expired
+/// instances, so this only bounds how long an expiry goes unlogged and its keys linger.
+pub const SHARED_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl InstanceStore for redis::RedisStore {
+    async fn register(
+        &self,
+        reg: Registration,
+        _now: Instant,
+        wall_ms: u64,
+    ) -> Result<Recorded, StoreError> {
+        redis::RedisStore::register(self, reg, wall_ms).await
+    }
+
+    async fn heartbeat(
+        &self,
+        reg: Registration,
+        _now: Instant,
+        wall_ms: u64,
+    ) -> Result<Recorded, StoreError> {
+        redis::RedisStore::heartbeat(self, reg, wall_ms).await
+    }
+
+    async fn remove(
+        &self,
+        name: &str,
+        port: u16,
+        host: Option<&str>,
+        _now: Instant,
+    ) -> Result<Vec<Instance>, RemoveError> {
+        redis::RedisStore::remove(self, name, port, host).await
+    }
+
+    async fn list(&self, name: &str, _now: Instant) -> Result<Vec<Instance>, StoreError> {
+        redis::RedisStore::list(self, name).await
+    }
+
+    async fn list_all(&self, _now: Instant) -> Result<BTreeMap<String, Vec<Instance>>, StoreError> {
+        redis::RedisStore::list_all(self).await
+    }
+
+    async fn reap_expired(&self, _now: Instant) -> Result<Vec<Instance>, StoreError> {
+        redis::RedisStore::reap_expired(self).await
+    }
+
+    fn next_reap(&self, now: Instant) -> Option<Instant> {
+        Some(now + SHARED_SWEEP_EVERY)
+    }
+}
+
+/// Which instance table a registry server uses.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreChoice {
+    /// This process's memory (the default; replicas do not share it).
+    #[default]
+    Memory,
+    /// A Redis table shared by every replica given the same URL and prefix.
+    Redis {
+        /// `redis://host:port[/db]`.
+        url: String,
+        /// Key prefix; replicas that should agree use the same one.
+        prefix: String,
+    },
+}
+
+/// The instance table a registry server holds: one of the [`InstanceStore`]s. Cheap to
+/// clone (clones share the table).
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// In this process.
+    Memory(Arc<MemoryStore>),
+    /// In Redis.
+    Redis(redis::RedisStore),
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::Memory(Arc::new(MemoryStore::new()))
+    }
+}
+
+impl Store {
+    /// Opens the chosen store; a Redis store must be reachable now.
+    pub async fn open(choice: &StoreChoice) -> Result<Self, StoreError> {
+        match choice {
+            StoreChoice::Memory => Ok(Self::default()),
+            StoreChoice::Redis { url, prefix } => {
+                Ok(Self::Redis(redis::RedisStore::connect(url, prefix).await?))
+            }
+        }
+    }
+
+    /// The memory table, when this is one (tests inspect it directly).
+    pub fn as_memory(&self) -> Option<&MemoryStore> {
+        match self {
+            Self::Memory(m) => Some(m),
+            Self::Redis(_) => None,
+        }
+    }
+}
+
+impl InstanceStore for Store {
+    async fn register(
+        &self,
+        reg: Registration,
+        now: Instant,
+        wall_ms: u64,
+    ) -> Result<Recorded, StoreError> {
+        match self {
+            Self::Memory(m) => InstanceStore::register(m.as_ref(), reg, now, wall_ms).await,
+            Self::Redis(r) => InstanceStore::register(r, reg, now, wall_ms).await,
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        reg: Registration,
+        now: Instant,
+        wall_ms: u64,
+    ) -> Result<Recorded, StoreError> {
+        match self {
+            Self::Memory(m) => InstanceStore::heartbeat(m.as_ref(), reg, now, wall_ms).await,
+            Self::Redis(r) => InstanceStore::heartbeat(r, reg, now, wall_ms).await,
+        }
+    }
+
+    async fn remove(
+        &self,
+        name: &str,
+        port: u16,
+        host: Option<&str>,
+        now: Instant,
+    ) -> Result<Vec<Instance>, RemoveError> {
+        match self {
+            Self::Memory(m) => InstanceStore::remove(m.as_ref(), name, port, host, now).await,
+            Self::Redis(r) => InstanceStore::remove(r, name, port, host, now).await,
+        }
+    }
+
+    async fn list(&self, name: &str, now: Instant) -> Result<Vec<Instance>, StoreError> {
+        match self {
+            Self::Memory(m) => InstanceStore::list(m.as_ref(), name, now).await,
+            Self::Redis(r) => InstanceStore::list(r, name, now).await,
+        }
+    }
+
+    async fn list_all(&self, now: Instant) -> Result<BTreeMap<String, Vec<Instance>>, StoreError> {
+        match self {
+            Self::Memory(m) => InstanceStore::list_all(m.as_ref(), now).await,
+            Self::Redis(r) => InstanceStore::list_all(r, now).await,
+        }
+    }
+
+    async fn reap_expired(&self, now: Instant) -> Result<Vec<Instance>, StoreError> {
+        match self {
+            Self::Memory(m) => InstanceStore::reap_expired(m.as_ref(), now).await,
+            Self::Redis(r) => InstanceStore::reap_expired(r, now).await,
+        }
+    }
+
+    fn next_reap(&self, now: Instant) -> Option<Instant> {
+        match self {
+            Self::Memory(m) => InstanceStore::next_reap(m.as_ref(), now),
+            Self::Redis(r) => InstanceStore::next_reap(r, now),
+        }
     }
 }
 

@@ -8,14 +8,20 @@
 //! - [`deadline`]: a request's total deadline and the per-try timeouts it allows.
 //! - [`bulkhead`]: a bound on concurrent calls with RAII permits.
 //! - [`rate_limit`]: a keyed GCRA limiter (governor) and a keyed fixed-window counter.
+//! - `redis_limit` (feature `redis`): the same two limits shared by every instance
+//!   through Redis, one Lua script per decision, falling back to the local limiter
+//!   when Redis fails.
 //!
-//! Nothing here knows HTTP or any other Breakwater crate; the gateway and the services
+//! Nothing here knows HTTP or any other Breakwater crate (the Redis limiter speaks only
+//! to Redis, and only when its feature is on); the gateway and the services
 //! turn these decisions into responses.
 
 pub mod breaker;
 pub mod bulkhead;
 pub mod deadline;
 pub mod rate_limit;
+#[cfg(feature = "redis")]
+pub mod redis_limit;
 pub mod retry;
 
 /// A configuration value that cannot work, naming the field and the problem.

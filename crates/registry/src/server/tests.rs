@@ -136,7 +136,7 @@ async fn heartbeat_renews_and_registers_unknown_instances() {
     assert_eq!(hb["nextHeartbeatIn"], 7, "interval kept when omitted");
     let (_, list) = get(&state, "/services/svc").await;
     assert_eq!(list["services"][0]["registeredAt"], registered_at);
-    assert_eq!(state.store().len(), 1);
+    assert_eq!(state.store().as_memory().unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -204,7 +204,7 @@ async fn register_and_heartbeat_validate_their_bodies() {
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert!(res["error"].is_string());
     assert!(
-        state.store().is_empty(),
+        state.store().as_memory().unwrap().is_empty(),
         "a rejected request stores nothing"
     );
 }
@@ -298,7 +298,7 @@ async fn delete_removes_and_names_what_was_not_found() {
         send(&state, "DELETE", "/services/svc/4001", None).await,
         not_found("Service not found")
     );
-    assert!(state.store().is_empty());
+    assert!(state.store().as_memory().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -387,7 +387,11 @@ async fn instance_expires_at_exactly_one_and_a_half_intervals_and_is_reaped() {
     tokio::time::sleep(ms(2)).await;
     settle().await;
     // No read since 2.999 s: only the reaper can have removed it.
-    assert_eq!(state.store().len(), 0, "reaped at 3.001 s");
+    assert_eq!(
+        state.store().as_memory().unwrap().len(),
+        0,
+        "reaped at 3.001 s"
+    );
     assert_eq!(get(&state, "/services").await.1, json!({}));
     assert_eq!(
         get(&state, "/services/svc").await.1,
@@ -423,7 +427,11 @@ async fn reads_never_return_an_expired_instance_even_before_the_reaper_runs() {
         json!({"services": []})
     );
     assert_eq!(get(&state, "/services").await.1, json!({}));
-    assert_eq!(state.store().len(), 1, "reads do not remove");
+    assert_eq!(
+        state.store().as_memory().unwrap().len(),
+        1,
+        "reads do not remove"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -444,7 +452,7 @@ async fn heartbeat_extends_life() {
     // Past the first deadline (3 s) but within the renewed one (2 s + 3 s).
     tokio::time::sleep(ms(2999)).await;
     settle().await;
-    assert_eq!(state.store().len(), 1);
+    assert_eq!(state.store().as_memory().unwrap().len(), 1);
     assert_eq!(
         get(&state, "/services/svc").await.1["services"]
             .as_array()
@@ -454,7 +462,7 @@ async fn heartbeat_extends_life() {
     );
     tokio::time::sleep(ms(2)).await;
     settle().await;
-    assert_eq!(state.store().len(), 0);
+    assert_eq!(state.store().as_memory().unwrap().len(), 0);
     stop.cancel();
     reaper.await.unwrap();
 }
@@ -479,8 +487,16 @@ async fn a_sooner_deadline_wakes_the_reaper() {
     .await;
     tokio::time::sleep(ms(1501)).await;
     settle().await;
-    assert_eq!(state.store().len(), 1);
-    assert_eq!(state.store().list("slow", Instant::now()).len(), 1);
+    assert_eq!(state.store().as_memory().unwrap().len(), 1);
+    assert_eq!(
+        state
+            .store()
+            .as_memory()
+            .unwrap()
+            .list("slow", Instant::now())
+            .len(),
+        1
+    );
     stop.cancel();
     reaper.await.unwrap();
 }
