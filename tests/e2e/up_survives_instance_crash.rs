@@ -238,6 +238,23 @@ async fn check_more_contracts(http: &reqwest::Client, gw: &str, unstable: &str) 
     let (s, body) = call(http, "GET", &format!("{gw}/data/{unknown}"), None).await;
     assert_eq!((s, body), (404, json!({"error":"Data not found"})));
 
+    // Events: the order created in `check_contracts` reaches analytics through the
+    // outbox and its relay, and is counted exactly once.
+    let created = format!("{gw}/api/metrics/summary?type=orders_created");
+    let mut summary = Value::Null;
+    for _ in 0..100 {
+        let (s, body) = call(http, "GET", &created, None).await;
+        if s == 200 {
+            summary = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        summary,
+        json!({"type":"orders_created","count":1,"average_value":1.0})
+    );
+
     // Unstable's CPU-bound endpoint (seed 001), on the right path of the right service.
     let (s, body) = call(http, "GET", &format!("{gw}/stress-test"), None).await;
     assert_eq!(s, 200, "{body}");

@@ -53,6 +53,13 @@ pub struct Listen {
 pub struct RegistryArgs {
     #[command(flatten)]
     pub listen: Listen,
+    /// Keep the registry's state in Redis (redis://host:port/db), so that several
+    /// registry replicas serve the same instances. Default: in memory.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis: Option<String>,
+    /// Key prefix in Redis (replicas that share it share state).
+    #[arg(long, default_value = "breakwater:registry")]
+    pub redis_prefix: String,
 }
 
 /// How a component finds and joins the registry.
@@ -258,6 +265,9 @@ pub struct UpArgs {
     /// $XDG_DATA_HOME/breakwater or ~/.local/share/breakwater).
     #[arg(long, env = "BREAKWATER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Keep the registry's state in Redis instead of memory (redis://host:port/db).
+    #[arg(long)]
+    pub redis: Option<String>,
     /// How long to wait for each component to become ready.
     #[arg(long, default_value = "60s", value_parser = humantime_duration)]
     pub ready_timeout: std::time::Duration,

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use breakwater_registry::store::StoreChoice;
 use breakwater_runtime::CancellationToken;
 use tokio::net::TcpListener;
 
@@ -52,10 +53,26 @@ fn port_of(listener: &TcpListener) -> anyhow::Result<u16> {
 
 /// `breakwater registry`.
 pub async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
+    let choice = match args.redis {
+        Some(url) => {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(UsageError(format!("--redis {url:?}: expected a redis:// URL")).into());
+            }
+            StoreChoice::Redis {
+                url,
+                prefix: args.redis_prefix,
+            }
+        }
+        None => StoreChoice::Memory,
+    };
+    let store = match choice {
+        StoreChoice::Memory => "memory",
+        StoreChoice::Redis { .. } => "redis",
+    };
     let shutdown = shutdown_token()?;
     let listener = bind(&args.listen).await?;
-    tracing::info!(port = port_of(&listener)?, "registry listening");
-    breakwater_registry::server::run(listener, shutdown)
+    tracing::info!(port = port_of(&listener)?, store, "registry listening");
+    breakwater_registry::server::run_with(listener, choice, shutdown)
         .await
         .context("registry server")
 }

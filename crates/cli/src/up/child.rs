@@ -142,6 +142,11 @@ fn spawn(exe: &PathBuf, spec: &ChildSpec) -> std::io::Result<Child> {
     Command::new(exe)
         .args(&spec.args)
         .env(SUPERVISED_ENV, "1")
+        // `up` decides where shared state lives (its --redis flag, passed on as flags);
+        // a REDIS_URL or DATABASE_URL in the caller's environment must not silently move
+        // the children's state elsewhere.
+        .env_remove("REDIS_URL")
+        .env_remove("DATABASE_URL")
         // The child's stdin is a pipe we never write to: if this process dies, the pipe
         // closes and the child stops itself.
         .stdin(Stdio::piped())

@@ -98,7 +98,13 @@ impl Plan {
             port: registry_port,
             host,
             registry_name: None,
-            args: common(&["registry"], registry_port),
+            args: {
+                let mut a = common(&["registry"], registry_port);
+                if let Some(url) = &args.redis {
+                    a.extend(["--redis".into(), url.into()]);
+                }
+                a
+            },
         }];
         // Unstable first: data and analytics depend on it (they find it lazily, so this
         // only makes the start quieter).
