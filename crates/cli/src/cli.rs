@@ -138,6 +138,9 @@ pub struct ServiceCommon {
     /// Directory for the service's database files.
     #[arg(long, env = "BREAKWATER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// PostgreSQL for users and orders (postgres://...), instead of the SQLite file.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database: Option<String>,
 }
 
 /// `breakwater service analytics`. Flags override the seed's environment variables
@@ -167,6 +170,13 @@ pub struct AnalyticsArgs {
     /// Time a summary stays cached (0s turns the cache off).
     #[arg(long, value_parser = humantime_duration)]
     pub summary_ttl: Option<std::time::Duration>,
+    /// Redis for the rate limit (shared by every instance) and the summary cache
+    /// (overrides REDIS_URL).
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Key prefix in Redis.
+    #[arg(long)]
+    pub redis_prefix: Option<String>,
 }
 
 /// `breakwater service data`.
@@ -192,6 +202,13 @@ pub struct DataArgs {
     /// Largest backoff ceiling.
     #[arg(long, default_value = "1s", value_parser = humantime_duration)]
     pub backoff_max: std::time::Duration,
+    /// Keep records in Redis: one URL (then --shards logical shards on it) or one URL per
+    /// shard (comma-separated or repeated). Default: SQLite shard files.
+    #[arg(long = "redis", env = "REDIS_URL", value_delimiter = ',')]
+    pub redis: Vec<String>,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "breakwater:data")]
+    pub redis_prefix: String,
 }
 
 /// `breakwater service unstable`.
@@ -265,9 +282,13 @@ pub struct UpArgs {
     /// $XDG_DATA_HOME/breakwater or ~/.local/share/breakwater).
     #[arg(long, env = "BREAKWATER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Keep the registry's state in Redis instead of memory (redis://host:port/db).
+    /// Shared state in Redis (redis://host:port/db): the registry's instances, analytics'
+    /// rate limit and summary cache, the data service's records.
     #[arg(long)]
     pub redis: Option<String>,
+    /// PostgreSQL for users and orders (postgres://user@host/db) instead of SQLite.
+    #[arg(long)]
+    pub database: Option<String>,
     /// How long to wait for each component to become ready.
     #[arg(long, default_value = "60s", value_parser = humantime_duration)]
     pub ready_timeout: std::time::Duration,

@@ -175,6 +175,8 @@ fn service_options(
                 external: a.external,
                 external_timeout: a.external_timeout,
                 summary_ttl: a.summary_ttl,
+                redis_url: a.redis,
+                redis_prefix: a.redis_prefix,
             })
             .map_err(|e| UsageError(e.to_string()))?;
             (ServiceKind::Analytics, a.common)
@@ -187,6 +189,8 @@ fn service_options(
                 max_attempts: d.max_attempts,
                 backoff_base: d.backoff_base,
                 backoff_max: d.backoff_max,
+                redis_urls: d.redis,
+                redis_prefix: d.redis_prefix,
             };
             (ServiceKind::Data, d.common)
         }
@@ -202,6 +206,9 @@ fn service_options(
             (ServiceKind::Unstable, u.common)
         }
     };
+    if matches!(kind, ServiceKind::Users | ServiceKind::Orders) {
+        options.database_url = common.database.clone();
+    }
     options
         .validate(kind)
         .map_err(|e| UsageError(e.to_string()))?;

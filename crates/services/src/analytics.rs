@@ -5,14 +5,21 @@
 //! - [`metric`]: the `POST /api/metrics` body and its checks, and the summary shape.
 //! - [`store`]: [`MetricStore`] and the embedded [`SqliteMetrics`].
 //! - [`cache`]: [`SummaryCache`] and the in-process [`MemorySummaryCache`].
+//! - [`shared_cache`]: [`RedisSummaryCache`], the cache every instance shares when
+//!   Redis is configured.
+//! - `limiter`: the per-client limit, in-process, or across instances in Redis
+//!   ([`AnalyticsSettings::redis_url`]) with the local limit standing in while Redis
+//!   is away.
 //! - `POST /events`: the consumer of `order.created` (see [`crate::outbox`]), each event
 //!   applied once, as a metric of type [`ORDERS_CREATED`].
 //! - [`AnalyticsSettings`]: the seed's environment variables, with flag overrides.
 
 pub mod cache;
 mod events;
+mod limiter;
 pub mod metric;
 mod peer;
+pub mod shared_cache;
 pub mod store;
 
 use std::num::NonZeroU32;
@@ -28,6 +35,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use breakwater_resilience::breaker::{Breaker, BreakerConfig, Outcome, Transition};
 use breakwater_resilience::rate_limit::WindowRateLimiter;
+use breakwater_resilience::redis_limit::{DistributedLimit, RedisRateLimiter};
 use breakwater_runtime::clock::iso8601_now;
 use breakwater_runtime::http::{ApiError, Json, method_not_allowed, not_found};
 use serde::Deserialize;
@@ -38,10 +46,12 @@ use tower_http::cors::CorsLayer;
 
 pub use cache::{Lookup, MemorySummaryCache, SummaryCache, Ticket};
 pub use metric::{NewMetric, Summary};
+pub use shared_cache::RedisSummaryCache;
 pub use store::{Applied, MetricStore, SqliteMetrics};
 
 use crate::settings::{InvalidSetting, check_base_url, check_duration, env_number, env_value};
 use crate::upstream::{HttpUpstream, Upstream};
+use limiter::ClientLimiter;
 
 /// The name analytics instances register under.
 pub const SERVICE_NAME: &str = "analytics-service";
@@ -50,6 +60,11 @@ pub use events::ORDERS_CREATED;
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "analytics.db";
+
+/// Where analytics keys live in Redis unless [`AnalyticsSettings::redis_prefix`] says
+/// otherwise: rate-limit counters under `<prefix>:rl:`, summaries under
+/// `<prefix>:summary:`.
+pub const DEFAULT_REDIS_PREFIX: &str = "breakwater:analytics";
 
 /// Largest `POST /api/metrics` body; a metric is three short fields.
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -79,6 +94,13 @@ pub struct AnalyticsSettings {
     pub external_timeout: Duration,
     /// How long a summary stays cached, 0 (no caching)..=1 day. Default 60 s.
     pub summary_ttl: Duration,
+    /// `REDIS_URL`: when set, the rate limit holds across every instance sharing this
+    /// Redis (falling back to a per-instance limit while Redis is down) and summaries
+    /// are cached there ([`RedisSummaryCache`]). Default: none, all in-process.
+    pub redis_url: Option<String>,
+    /// Start of every analytics key in Redis, so deployments can share one server. No
+    /// environment variable. Default [`DEFAULT_REDIS_PREFIX`].
+    pub redis_prefix: String,
 }
 
 impl Default for AnalyticsSettings {
@@ -91,6 +113,8 @@ impl Default for AnalyticsSettings {
             external: None,
             external_timeout: Duration::from_secs(2),
             summary_ttl: Duration::from_secs(60),
+            redis_url: None,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
         }
     }
 }
@@ -113,12 +137,16 @@ pub struct AnalyticsOverrides {
     pub external_timeout: Option<Duration>,
     /// Sets [`AnalyticsSettings::summary_ttl`].
     pub summary_ttl: Option<Duration>,
+    /// Overrides `REDIS_URL`.
+    pub redis_url: Option<String>,
+    /// Sets [`AnalyticsSettings::redis_prefix`].
+    pub redis_prefix: Option<String>,
 }
 
 impl AnalyticsSettings {
     /// Defaults, then the process environment (`RATE_LIMIT_WINDOW`, `RATE_LIMIT_MAX`,
-    /// `CIRCUIT_FAILURE_THRESHOLD`, `CIRCUIT_RESET_TIMEOUT`; unset or empty means the
-    /// default), then `overrides`; validated. The error names the variable or setting.
+    /// `CIRCUIT_FAILURE_THRESHOLD`, `CIRCUIT_RESET_TIMEOUT`, `REDIS_URL`; unset or empty
+    /// means the default), then `overrides`; validated. The error names the variable or setting.
     pub fn from_env_and(overrides: &AnalyticsOverrides) -> Result<Self, InvalidSetting> {
         Self::from_lookup_and(&|name| std::env::var(name).ok(), overrides)
     }
@@ -142,6 +170,7 @@ impl AnalyticsSettings {
         if let Some(secs) = env_number(lookup, "CIRCUIT_RESET_TIMEOUT", 1, day)? {
             settings.circuit_reset_timeout = Duration::from_secs(secs);
         }
+        settings.redis_url = env_value(lookup, "REDIS_URL");
         let o = overrides.clone();
         settings.rate_limit_window = o.rate_limit_window.unwrap_or(settings.rate_limit_window);
         settings.rate_limit_max = o.rate_limit_max.unwrap_or(settings.rate_limit_max);
@@ -154,6 +183,8 @@ impl AnalyticsSettings {
         settings.external = o.external.or(settings.external);
         settings.external_timeout = o.external_timeout.unwrap_or(settings.external_timeout);
         settings.summary_ttl = o.summary_ttl.unwrap_or(settings.summary_ttl);
+        settings.redis_url = o.redis_url.or(settings.redis_url);
+        settings.redis_prefix = o.redis_prefix.unwrap_or(settings.redis_prefix);
         settings.validate()?;
         Ok(settings)
     }
@@ -185,6 +216,13 @@ impl AnalyticsSettings {
         if let Some(url) = &self.external {
             check_base_url("external", url)?;
         }
+        if let Some(url) = &self.redis_url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| InvalidSetting::new("REDIS_URL", format!("{url:?}: {e}")))?;
+        }
+        if self.redis_prefix.is_empty() {
+            return Err(InvalidSetting::new("redis_prefix", "must not be empty"));
+        }
         Ok(())
     }
 
@@ -201,6 +239,37 @@ impl AnalyticsSettings {
     /// A summary cache with this TTL and the default capacity.
     pub fn memory_cache(&self) -> MemorySummaryCache {
         MemorySummaryCache::new(self.summary_ttl, cache::DEFAULT_CAPACITY)
+    }
+
+    /// The shared summary cache with this TTL, when [`redis_url`](Self::redis_url) is
+    /// set. It does not connect yet; the error names `REDIS_URL`.
+    pub fn redis_cache(&self) -> Result<Option<RedisSummaryCache>, InvalidSetting> {
+        let Some(url) = &self.redis_url else {
+            return Ok(None);
+        };
+        let prefix = self.redis_prefix.clone();
+        RedisSummaryCache::new(url, prefix, self.summary_ttl)
+            .map(Some)
+            .map_err(|e| InvalidSetting::new("REDIS_URL", format!("{url:?}: {e}")))
+    }
+
+    /// The per-client limiter: in Redis (fixed window, fail-open) when `redis_url` is
+    /// set, else in-process.
+    fn limiter(&self) -> Result<ClientLimiter, InvalidSetting> {
+        let limit = NonZeroU32::new(self.rate_limit_max).unwrap_or(NonZeroU32::MIN);
+        let Some(url) = &self.redis_url else {
+            return Ok(ClientLimiter::Local(WindowRateLimiter::new(
+                limit,
+                self.rate_limit_window,
+            )));
+        };
+        let shared = DistributedLimit::FixedWindow {
+            limit,
+            window: self.rate_limit_window,
+        };
+        RedisRateLimiter::new(url, format!("{}:rl", self.redis_prefix), shared)
+            .map(ClientLimiter::shared)
+            .map_err(|e| InvalidSetting::new("REDIS_URL", format!("{url:?}: {e}")))
     }
 }
 
@@ -228,15 +297,16 @@ pub struct AnalyticsState<S = SqliteMetrics, C = MemorySummaryCache, U = HttpUps
     upstream: U,
     instance: String,
     port: u16,
-    limiter: WindowRateLimiter,
+    limiter: ClientLimiter,
     breaker: Breaker,
     external_timeout: Duration,
 }
 
 impl<S: MetricStore, C: SummaryCache, U: Upstream> AnalyticsState<S, C, U> {
     /// State for instance `instance` on `port`, behaving as `settings` say
-    /// (`settings.external` and `settings.summary_ttl` are the caller's to apply when
-    /// it builds `upstream` and `cache`).
+    /// (`settings.external`, `settings.summary_ttl` and, for the cache,
+    /// `settings.redis_url` are the caller's to apply when it builds `upstream` and
+    /// `cache`; the rate limiter follows `settings.redis_url` here).
     pub fn new(
         store: S,
         cache: C,
@@ -246,14 +316,13 @@ impl<S: MetricStore, C: SummaryCache, U: Upstream> AnalyticsState<S, C, U> {
         settings: &AnalyticsSettings,
     ) -> Result<Self, InvalidSetting> {
         settings.validate()?;
-        let limit = NonZeroU32::new(settings.rate_limit_max).unwrap_or(NonZeroU32::MIN);
         Ok(Self {
             store,
             cache,
             upstream,
             instance: instance.into(),
             port,
-            limiter: WindowRateLimiter::new(limit, settings.rate_limit_window),
+            limiter: settings.limiter()?,
             breaker: Breaker::named(SERVICE_NAME, settings.breaker_config()),
             external_timeout: settings.external_timeout,
         })
@@ -287,6 +356,35 @@ where
         .with_state(Arc::new(state))
 }
 
+/// [`app`] over `store` and `upstream` with everything else as `settings` say: the
+/// summary cache in Redis when [`AnalyticsSettings::redis_url`] is set, else in
+/// process. Also returns the breaker's transitions, for logging.
+pub fn configured_app<S, U>(
+    store: S,
+    upstream: U,
+    instance: &str,
+    port: u16,
+    settings: &AnalyticsSettings,
+) -> Result<(Router, broadcast::Receiver<Transition>), InvalidSetting>
+where
+    S: MetricStore + 'static,
+    U: Upstream + 'static,
+{
+    Ok(match settings.redis_cache()? {
+        Some(cache) => {
+            let state = AnalyticsState::new(store, cache, upstream, instance, port, settings)?;
+            let transitions = state.breaker_transitions();
+            (app(state), transitions)
+        }
+        None => {
+            let cache = settings.memory_cache();
+            let state = AnalyticsState::new(store, cache, upstream, instance, port, settings)?;
+            let transitions = state.breaker_transitions();
+            (app(state), transitions)
+        }
+    })
+}
+
 type Shared<S, C, U> = State<Arc<AnalyticsState<S, C, U>>>;
 
 async fn health<S, C, U>(State(state): Shared<S, C, U>) -> Json<Value> {
@@ -310,7 +408,7 @@ async fn ingest<S: MetricStore, C: SummaryCache, U: Upstream>(
     req: Request,
 ) -> Response {
     let key = peer::client_key(&req);
-    let info = match state.limiter.check(&key, Instant::now()) {
+    let info = match state.limiter.check(&key).await {
         Ok(info) => info,
         Err(limited) => {
             tracing::info!(client = %key, limit = limited.limit, "metrics rate limit reached");

@@ -1,10 +1,15 @@
 //! The data service ("data-service", seed 000's app): fetches from the unstable
 //! dependency with a per-try deadline, jittered retries and a fallback, stores each
 //! result under a fresh id in a sharded store, and reports its own figures.
+//!
+//! The store is [`SqliteShards`] (embedded default) or, when
+//! [`DataSettings::redis_urls`] is set, [`RedisShards`]; both place a record by
+//! [`RecordId::shard`].
 
 mod fetch;
 mod metrics;
 mod record;
+mod redis_store;
 mod store;
 
 use std::num::NonZeroU32;
@@ -25,6 +30,7 @@ use tokio::time::Instant;
 use tower_http::cors::CorsLayer;
 
 pub use record::{InvalidRecordId, RecordId, fnv1a64, jump_hash};
+pub use redis_store::{DEFAULT_REDIS_PREFIX, RedisShards};
 pub use store::{DataStore, MAX_SHARDS, MIN_SHARDS, SqliteShards};
 
 use crate::settings::{InvalidSetting, check_base_url, check_duration};
@@ -41,8 +47,15 @@ pub const MAX_ATTEMPTS: u32 = 10;
 /// How the data service stores and calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataSettings {
-    /// Shard files of the embedded store, [`MIN_SHARDS`]..=[`MAX_SHARDS`]. Default 4.
+    /// Shard files of the embedded store, or logical shards on one Redis server,
+    /// [`MIN_SHARDS`]..=[`MAX_SHARDS`]. Default 4.
     pub shards: u32,
+    /// Redis instead of the shard files ([`RedisShards`]): one URL holds `shards`
+    /// logical shards; 2..=[`MAX_SHARDS`] URLs are one shard each (then `shards` is not
+    /// used). Redis Cluster URLs are not supported. Default: none (SQLite).
+    pub redis_urls: Vec<String>,
+    /// Start of every data key in Redis. Default [`DEFAULT_REDIS_PREFIX`].
+    pub redis_prefix: String,
     /// A fixed base URL of the dependency (e.g. `http://127.0.0.1:9000`) instead of
     /// "unstable-service" found through discovery. Default: discovery.
     pub external: Option<String>,
@@ -60,6 +73,8 @@ impl Default for DataSettings {
     fn default() -> Self {
         Self {
             shards: 4,
+            redis_urls: Vec::new(),
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             external: None,
             try_timeout: Duration::from_secs(2),
             max_attempts: 4,
@@ -81,6 +96,19 @@ impl DataSettings {
                 "shards",
                 format!("{} is outside {MIN_SHARDS}..={MAX_SHARDS}", self.shards),
             ));
+        }
+        if self.redis_urls.len() > MAX_SHARDS as usize {
+            return Err(InvalidSetting::new(
+                "redis_urls",
+                format!("{} URLs, at most {MAX_SHARDS}", self.redis_urls.len()),
+            ));
+        }
+        for url in &self.redis_urls {
+            redis::Client::open(url.as_str())
+                .map_err(|e| InvalidSetting::new("redis_urls", format!("{url:?}: {e}")))?;
+        }
+        if self.redis_prefix.is_empty() {
+            return Err(InvalidSetting::new("redis_prefix", "must not be empty"));
         }
         if let Some(url) = &self.external {
             check_base_url("external", url)?;

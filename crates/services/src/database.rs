@@ -110,7 +110,7 @@ impl StorageError {
     fn is_busy(&self) -> bool {
         let source = match self {
             Self::Open { source, .. } | Self::Schema(source) | Self::Database(source) => source,
-            Self::EmailTaken | Self::Corrupt { .. } => return false,
+            Self::Connect { .. } | Self::EmailTaken | Self::Corrupt { .. } => return false,
         };
         let sqlx::Error::Database(db) = source else {
             return false;

@@ -15,8 +15,9 @@
 //!   `order.created` exactly once by event id).
 //! - [`upstream`]: the dependency as analytics and data call it ([`upstream::Upstream`]).
 //! - [`storage`]: the [`storage::UserStore`] and [`storage::OrderStore`] traits and
-//!   [`storage::SqliteStore`], one SQLite file shared by every instance on a machine;
-//!   also [`storage::StorageError`], shared by every store.
+//!   [`storage::SqliteStore`], one SQLite file shared by every instance on a machine, or
+//!   [`storage::PgStore`] on PostgreSQL when `DATABASE_URL` is set (both behind
+//!   [`storage::SharedStore`]); also [`storage::StorageError`], shared by every store.
 //! - [`settings`]: [`InvalidSetting`], the error a bad setting gives.
 //! - [`run`]: one instance as a process part (settings, storage, serving, registration,
 //!   shutdown), configured by [`ServiceKind`] and [`ServiceConfig`].
@@ -30,6 +31,8 @@ mod fixtures;
 mod id;
 pub mod orders;
 pub mod outbox;
+#[cfg(test)]
+mod redis_fixtures;
 mod service;
 pub mod settings;
 pub mod storage;

@@ -1,7 +1,8 @@
 //! Events between services: a transactional outbox, delivered at least once.
 //!
 //! - [`Event`]: the envelope every event travels in, `{id, type, occurredAt, data}`.
-//! - [`OutboxStore`] and [`SqliteOutbox`]: the `outbox` table beside users and orders.
+//! - [`OutboxStore`] and [`SqliteOutbox`]: the `outbox` table beside users and orders
+//!   ([`crate::storage::PgOutbox`] on PostgreSQL, [`SharedOutbox`] for either).
 //!   A row is written by [`append`] inside the transaction of the change it announces,
 //!   so the change and its event commit or fail together.
 //! - [`relay`]: the background task that claims rows under a lease, hands them to a
@@ -226,6 +227,51 @@ impl SqliteOutbox {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(record_from_row).collect()
+    }
+}
+
+/// The outbox of a [`crate::storage::SharedStore`], whichever database it is on.
+#[derive(Debug, Clone)]
+pub enum SharedOutbox {
+    /// Beside users and orders in the SQLite file.
+    Sqlite(SqliteOutbox),
+    /// Beside users and orders in PostgreSQL.
+    Postgres(crate::storage::PgOutbox),
+}
+
+impl OutboxStore for SharedOutbox {
+    async fn claim(
+        &self,
+        topics: &[&str],
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StorageError> {
+        match self {
+            Self::Sqlite(o) => o.claim(topics, now, lease_ms, limit).await,
+            Self::Postgres(o) => o.claim(topics, now, lease_ms, limit).await,
+        }
+    }
+
+    async fn delivered(&self, id: &str, now: i64) -> Result<bool, StorageError> {
+        match self {
+            Self::Sqlite(o) => o.delivered(id, now).await,
+            Self::Postgres(o) => o.delivered(id, now).await,
+        }
+    }
+
+    async fn retry_at(&self, id: &str, claim: &str, at: i64) -> Result<bool, StorageError> {
+        match self {
+            Self::Sqlite(o) => o.retry_at(id, claim, at).await,
+            Self::Postgres(o) => o.retry_at(id, claim, at).await,
+        }
+    }
+
+    async fn prune(&self, routed: &[&str], before: i64) -> Result<u64, StorageError> {
+        match self {
+            Self::Sqlite(o) => o.prune(routed, before).await,
+            Self::Postgres(o) => o.prune(routed, before).await,
+        }
     }
 }
 

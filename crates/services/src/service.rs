@@ -16,12 +16,12 @@ use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
-use crate::analytics::{self, AnalyticsSettings, AnalyticsState, SqliteMetrics};
+use crate::analytics::{self, AnalyticsSettings, SqliteMetrics};
 use crate::data::{self, DataSettings, DataState, SqliteShards};
 use crate::orders::{self, OrdersState};
 use crate::outbox::relay::{HttpTransport, Relay, RelaySettings, Routes};
 use crate::settings::InvalidSetting;
-use crate::storage::{SqliteStore, StorageError};
+use crate::storage::{SharedStore, StorageError, check_database_url};
 use crate::unstable::{self, UnstableSettings, UnstableState};
 use crate::upstream::{HttpUpstream, UpstreamTarget};
 use crate::users::{self, UsersState};
@@ -118,13 +118,21 @@ pub struct ServiceOptions {
     pub unstable: UnstableSettings,
     /// The outbox relay of [`ServiceKind::Users`] and [`ServiceKind::Orders`].
     pub outbox: RelaySettings,
+    /// `DATABASE_URL`: users, orders and their outbox on this PostgreSQL database
+    /// instead of the SQLite file in the data directory.
+    pub database_url: Option<String>,
 }
 
 impl ServiceOptions {
     /// Checks the part `kind` uses; the error names the setting.
     pub fn validate(&self, kind: ServiceKind) -> Result<(), InvalidSetting> {
         match kind {
-            ServiceKind::Users | ServiceKind::Orders => self.outbox.validate(),
+            ServiceKind::Users | ServiceKind::Orders => {
+                if let Some(url) = &self.database_url {
+                    check_database_url(url)?;
+                }
+                self.outbox.validate()
+            }
             ServiceKind::Analytics => self.analytics.validate(),
             ServiceKind::Data => self.data.validate(),
             ServiceKind::Unstable => self.unstable.validate(),
@@ -251,7 +259,7 @@ pub async fn run(
 /// What an instance opened and must close before it exits.
 #[derive(Debug)]
 enum Storage {
-    Shared(SqliteStore),
+    Shared(SharedStore),
     Metrics(SqliteMetrics),
     Shards(SqliteShards),
     Nothing,
@@ -283,7 +291,11 @@ async fn build(
     let discovery = || Discovery::new(registry.clone(), CachePolicy::default());
     Ok(match kind {
         ServiceKind::Users => {
-            let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?;
+            let store = SharedStore::open(
+                options.database_url.as_deref(),
+                &config.data_dir.join(DATABASE_FILE),
+            )
+            .await?;
             let router = users::app(UsersState {
                 store: store.clone(),
                 instance: instance.to_owned(),
@@ -292,7 +304,11 @@ async fn build(
             (router, Storage::Shared(store))
         }
         ServiceKind::Orders => {
-            let store = SqliteStore::open(&config.data_dir.join(DATABASE_FILE)).await?;
+            let store = SharedStore::open(
+                options.database_url.as_deref(),
+                &config.data_dir.join(DATABASE_FILE),
+            )
+            .await?;
             let router = orders::app(OrdersState {
                 store: store.clone(),
                 instance: instance.to_owned(),
@@ -310,23 +326,17 @@ async fn build(
             );
             let store =
                 SqliteMetrics::open(&config.data_dir.join(analytics::DATABASE_FILE)).await?;
-            let state = AnalyticsState::new(
-                store.clone(),
-                settings.memory_cache(),
-                upstream,
-                instance,
-                port,
-                settings,
-            );
-            let state = match state {
-                Ok(state) => state,
+            let built =
+                analytics::configured_app(store.clone(), upstream, instance, port, settings);
+            let (router, transitions) = match built {
+                Ok(built) => built,
                 Err(err) => {
                     store.close().await;
                     return Err(err.into());
                 }
             };
-            tokio::spawn(log_transitions(state.breaker_transitions()));
-            (analytics::app(state), Storage::Metrics(store))
+            tokio::spawn(log_transitions(transitions));
+            (router, Storage::Metrics(store))
         }
         ServiceKind::Data => {
             let settings = &options.data;
@@ -334,6 +344,16 @@ async fn build(
                 target(settings.external.as_deref(), discovery),
                 http_client()?,
             );
+            if !settings.redis_urls.is_empty() {
+                let store = data::RedisShards::open(
+                    &settings.redis_urls,
+                    settings.shards,
+                    &settings.redis_prefix,
+                )
+                .await?;
+                let state = DataState::new(store, upstream, instance, port, settings)?;
+                return Ok((data::app(state), Storage::Nothing));
+            }
             let dir = config.data_dir.join(DATA_SHARD_DIR);
             create_dir(&dir).await?;
             let store = SqliteShards::open(&dir, settings.shards).await?;
@@ -418,6 +438,7 @@ mod tests {
 
     use super::*;
     use crate::fixtures::{FakeRegistry, RegistryEvent, TempDir};
+    use crate::storage::SqliteStore;
     use tokio::sync::mpsc::UnboundedReceiver;
 
     const WAIT: Duration = Duration::from_secs(10);

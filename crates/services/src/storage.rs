@@ -6,6 +6,9 @@
 //! writes the schema and the seed data once per file, so a deleted seed user stays
 //! deleted across restarts.
 //!
+//! [`PgStore`] keeps the same data in PostgreSQL, so instances on several machines
+//! share it; [`SharedStore`] is whichever of the two an instance was configured with.
+//!
 //! [`StorageError`] is shared by every store of the crate (users, orders, analytics
 //! metrics, data records).
 
@@ -17,7 +20,11 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, sqlite::SqliteRow};
 
 use crate::database::{self, Schema};
-use crate::outbox::{self, Event, SqliteOutbox};
+use crate::outbox::{self, Event, SharedOutbox, SqliteOutbox};
+
+mod postgres;
+
+pub use postgres::{DATABASE_URL, PgOutbox, PgStore, check_database_url, is_postgres_url};
 
 /// A stored user, exactly the body the users contract returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +79,15 @@ pub enum StorageError {
     Open {
         /// The file that was being opened.
         path: PathBuf,
+        /// What the driver said.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The database server could not be reached or refused the connection.
+    #[error("cannot connect to database {target}: {source}")]
+    Connect {
+        /// The database, as a URL without its password.
+        target: String,
         /// What the driver said.
         #[source]
         source: sqlx::Error,
@@ -201,6 +217,106 @@ impl SqliteStore {
     /// before it exits.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// The users/orders store an instance runs on: the SQLite file by default, PostgreSQL
+/// when a database URL is configured. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum SharedStore {
+    /// The machine-local file.
+    Sqlite(SqliteStore),
+    /// A PostgreSQL schema shared by every machine.
+    Postgres(PgStore),
+}
+
+impl SharedStore {
+    /// Opens PostgreSQL at `database_url` when given (it must be `postgres://` or
+    /// `postgresql://`), else the SQLite file at `sqlite_path`.
+    pub async fn open(
+        database_url: Option<&str>,
+        sqlite_path: &Path,
+    ) -> Result<Self, StorageError> {
+        match database_url {
+            Some(url) => Ok(Self::Postgres(PgStore::open(url).await?)),
+            None => Ok(Self::Sqlite(SqliteStore::open(sqlite_path).await?)),
+        }
+    }
+
+    /// The outbox beside the users and orders, sharing the store's pool.
+    pub fn outbox(&self) -> SharedOutbox {
+        match self {
+            Self::Sqlite(store) => SharedOutbox::Sqlite(store.outbox()),
+            Self::Postgres(store) => SharedOutbox::Postgres(store.outbox()),
+        }
+    }
+
+    /// Closes every connection; later calls fail.
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(store) => store.close().await,
+            Self::Postgres(store) => store.close().await,
+        }
+    }
+}
+
+impl UserStore for SharedStore {
+    async fn list_users(&self) -> Result<Vec<User>, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.list_users().await,
+            Self::Postgres(s) => s.list_users().await,
+        }
+    }
+
+    async fn user(&self, id: i64) -> Result<Option<User>, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.user(id).await,
+            Self::Postgres(s) => s.user(id).await,
+        }
+    }
+
+    async fn create_user(&self, user: &NewUser) -> Result<User, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.create_user(user).await,
+            Self::Postgres(s) => s.create_user(user).await,
+        }
+    }
+
+    async fn replace_user(&self, id: i64, user: &NewUser) -> Result<Option<User>, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.replace_user(id, user).await,
+            Self::Postgres(s) => s.replace_user(id, user).await,
+        }
+    }
+
+    async fn delete_user(&self, id: i64) -> Result<Option<User>, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.delete_user(id).await,
+            Self::Postgres(s) => s.delete_user(id).await,
+        }
+    }
+}
+
+impl OrderStore for SharedStore {
+    async fn orders_for_user(&self, user_id: i64) -> Result<Vec<Order>, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.orders_for_user(user_id).await,
+            Self::Postgres(s) => s.orders_for_user(user_id).await,
+        }
+    }
+
+    async fn order(&self, id: i64) -> Result<Option<Order>, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.order(id).await,
+            Self::Postgres(s) => s.order(id).await,
+        }
+    }
+
+    async fn create_order(&self, order: &NewOrder) -> Result<Order, StorageError> {
+        match self {
+            Self::Sqlite(s) => s.create_order(order).await,
+            Self::Postgres(s) => s.create_order(order).await,
+        }
     }
 }
 

@@ -160,6 +160,20 @@ impl Plan {
                 let mut a = common(&["service", label], port);
                 discovery(&mut a);
                 a.extend(["--data-dir".into(), data_dir.as_os_str().to_owned()]);
+                if let Some(url) = args
+                    .redis
+                    .as_ref()
+                    .filter(|_| matches!(label, "analytics" | "data"))
+                {
+                    a.extend(["--redis".into(), url.into()]);
+                }
+                if let Some(url) = args
+                    .database
+                    .as_ref()
+                    .filter(|_| matches!(label, "users" | "orders"))
+                {
+                    a.extend(["--database".into(), url.into()]);
+                }
                 children.push(ChildSpec {
                     name: format!("{label}-{}", i + 1),
                     role: Role::Service,

@@ -19,6 +19,18 @@ use super::metric::Summary;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket(u64);
 
+impl Ticket {
+    /// A ticket issued at invalidation count `epoch` (for caches kept elsewhere).
+    pub(crate) fn at(epoch: u64) -> Self {
+        Self(epoch)
+    }
+
+    /// The invalidation count it was issued at.
+    pub(crate) fn epoch(self) -> u64 {
+        self.0
+    }
+}
+
 /// What the cache holds for a type.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {

@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Longest `type`, in characters.
@@ -23,7 +23,7 @@ pub struct NewMetric {
 }
 
 /// What `GET /api/metrics/summary` answers.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// The metric type asked for.
     #[serde(rename = "type")]

@@ -709,3 +709,5 @@ async fn unknown_and_malformed_events_are_refused_and_change_nothing() {
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(w.dir.path().exists());
 }
+
+mod on_redis;
