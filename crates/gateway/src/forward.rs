@@ -174,7 +174,9 @@ impl Outbound {
             headers.insert(X_FORWARDED_HOST, host);
         }
         // Even if the client named it in `Connection`, the id must reach the upstream.
-        if let Some(id) = request_id {
+        if let Some(id) = request_id
+            && !headers.contains_key(REQUEST_ID)
+        {
             headers.insert(REQUEST_ID, id);
         }
         Ok(Self {
@@ -377,15 +379,36 @@ pub fn client_response(res: hyper::Response<Incoming>) -> Response {
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds which are present (most messages carry none, or
+    // only `Connection: keep-alive`), so only those are removed.
+    let mut present = 0_u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        // The usual options name no header beyond the fixed list.
+        .filter(|name| {
+            !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -415,16 +438,31 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
 /// Middleware giving every request an `x-request-id` (the client's, if usable, else a
 /// fresh one) and returning the same id on the response.
 pub async fn tag_request_id(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(REQUEST_ID)
-        .filter(|v| usable_request_id(v))
-        .cloned()
-        .unwrap_or_else(new_request_id);
-    req.headers_mut().insert(REQUEST_ID, id.clone());
+    let id = request_id_of(req.headers_mut());
     let mut res = next.run(req).await;
     res.headers_mut().insert(REQUEST_ID, id);
     res
+}
+
+/// The request's id, made sure of on `headers`: the client's if usable (left in place),
+/// else a fresh one written there.
+pub fn request_id_of(headers: &mut HeaderMap) -> HeaderValue {
+    let mut ids = headers.get_all(REQUEST_ID).iter();
+    let first = ids.next().filter(|v| usable_request_id(v)).cloned();
+    let alone = ids.next().is_none();
+    match first {
+        // Already where it must be: no rewrite of the map.
+        Some(id) if alone => id,
+        Some(id) => {
+            headers.insert(REQUEST_ID, id.clone());
+            id
+        }
+        None => {
+            let id = new_request_id();
+            headers.insert(REQUEST_ID, id.clone());
+            id
+        }
+    }
 }
 
 /// A fresh request id: 32 lowercase hex digits.
@@ -492,6 +530,37 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn stripping_leaves_clean_maps_and_keep_alive_alone_untouched() {
+        let mut h = HeaderMap::new();
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        h.insert(CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert!(!h.contains_key(CONNECTION));
+    }
+
+    #[test]
+    fn request_id_of_keeps_a_lone_usable_id_and_collapses_or_replaces_others() {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(request_id_of(&mut h), "abc");
+        assert_eq!(h[REQUEST_ID], "abc");
+        h.append(REQUEST_ID, HeaderValue::from_static("def"));
+        assert_eq!(request_id_of(&mut h), "abc");
+        assert_eq!(h.get_all(REQUEST_ID).iter().count(), 1);
+        h.insert(REQUEST_ID, HeaderValue::from_static("a b"));
+        let made = request_id_of(&mut h);
+        assert_eq!(made.len(), 32);
+        assert_eq!(h[REQUEST_ID], made);
+        let mut empty = HeaderMap::new();
+        let made = request_id_of(&mut empty);
+        assert_eq!(empty[REQUEST_ID], made);
     }
 
     #[test]

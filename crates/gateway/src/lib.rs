@@ -20,8 +20,8 @@
 //! - [`trace`]: the `x-breakwater-trace` decision trace.
 //!
 //! Around it:
-//! - [`server`]: [`GatewayState`], the router ([`app`]), reload, and [`run`], which serves
-//!   it, reloads on SIGHUP and keeps the gateway registered as `api-gateway`.
+//! - [`server`]: [`GatewayState`], the router ([`app`]), the [`Front`] that answers
+//!   proxied routes without it, reload, and [`run`], which serves it, reloads on SIGHUP and keeps the gateway registered as `api-gateway`.
 //! - [`admin`]: `/admin` (routes, services, events, reload), token-guarded off loopback.
 //! - [`compose`]: `/users`, `/orders/user/:userId`, `/users-with-orders`, and the seed's
 //!   fallback data.
@@ -51,4 +51,4 @@ pub mod upstream;
 
 pub use config::GatewayConfig;
 pub use errors::GatewayError;
-pub use server::{GatewayState, RunError, app, run};
+pub use server::{Front, GatewayState, RunError, app, run};

@@ -65,7 +65,9 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
     res
 }
 
-async fn serve(
+/// Serves a request already matched to `route` (the router's fallback, or the front's
+/// fast path, [`crate::server::Front`]). The request id is already on `parts`.
+pub async fn serve(
     state: &GatewayState,
     route: &Route,
     parts: axum::http::request::Parts,

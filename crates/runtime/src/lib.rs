@@ -3,7 +3,8 @@
 //! - [`telemetry`]: tracing subscriber set-up (pretty or JSON lines).
 //! - [`shutdown`]: SIGINT/SIGTERM turned into one root [`CancellationToken`].
 //! - [`serve`]: serve an axum `Router` on a listener until the token fires, then drain;
-//!   `serve_per_core` does it with one single-threaded runtime per core.
+//!   `serve_per_core` does it with one single-threaded runtime per core, and
+//!   `serve_per_core_with` the same for any hyper service made per connection.
 //! - [`clock`]: wall-clock timestamps in the formats the contracts use.
 //! - [`http`]: JSON errors, a JSON extractor whose rejections are JSON, and the 404/405
 //!   fallbacks every component shares.

@@ -1,4 +1,4 @@
-//! Serving an axum router with a graceful drain.
+//! Serving an axum router (or any hyper service) with a graceful drain.
 
 use std::time::Duration;
 
@@ -86,12 +86,50 @@ pub async fn serve_per_core(
     drain: Duration,
     workers: std::num::NonZeroUsize,
 ) -> std::io::Result<()> {
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt as _;
+
+    let per_connection = move |peer: std::net::SocketAddr| {
+        let router = router.clone();
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let mut req = req.map(axum::body::Body::new);
+            req.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(req)
+        })
+    };
+    serve_per_core_with(listener, per_connection, shutdown, drain, workers).await
+}
+
+/// [`serve_per_core`] with any hyper service instead of an axum router: `per_connection`
+/// makes the service of one accepted connection from its peer address (called on the
+/// worker thread that serves it). For a front that answers its hottest requests itself
+/// and passes the rest to a router, without the router's cost on the hot path.
+pub async fn serve_per_core_with<M, S, B>(
+    listener: TcpListener,
+    per_connection: M,
+    shutdown: CancellationToken,
+    drain: Duration,
+    workers: std::num::NonZeroUsize,
+) -> std::io::Result<()>
+where
+    M: Fn(std::net::SocketAddr) -> S + Clone + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Handoff = (std::net::TcpStream, std::net::SocketAddr);
     let mut senders = Vec::with_capacity(workers.get());
     let mut threads = Vec::with_capacity(workers.get());
     for i in 0..workers.get() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
-        let router = router.clone();
+        let per_connection = per_connection.clone();
         let shutdown = shutdown.clone();
         let thread = std::thread::Builder::new()
             .name(format!("http-worker-{i}"))
@@ -99,7 +137,7 @@ pub async fn serve_per_core(
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                rt.block_on(worker(rx, router, shutdown, drain));
+                rt.block_on(worker(rx, per_connection, shutdown, drain));
                 Ok(())
             })?;
         senders.push(tx);
@@ -151,18 +189,28 @@ pub async fn serve_per_core(
     .map_err(std::io::Error::other)
 }
 
-async fn worker(
+async fn worker<M, S, B>(
     mut connections: tokio::sync::mpsc::UnboundedReceiver<(
         std::net::TcpStream,
         std::net::SocketAddr,
     )>,
-    router: Router,
+    per_connection: M,
     shutdown: CancellationToken,
     drain: Duration,
-) {
-    use axum::extract::ConnectInfo;
+) where
+    M: Fn(std::net::SocketAddr) -> S,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use tower::ServiceExt as _;
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -181,13 +229,7 @@ async fn worker(
                 continue;
             }
         };
-        let router = router.clone();
-        let service =
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo(peer));
-                router.clone().oneshot(req)
-            });
+        let service = per_connection(peer);
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
