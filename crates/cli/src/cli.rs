@@ -138,7 +138,8 @@ pub struct ServiceCommon {
     /// Directory for the service's database files.
     #[arg(long, env = "BREAKWATER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// PostgreSQL for users and orders (postgres://...), instead of the SQLite file.
+    /// PostgreSQL for users, orders and analytics (postgres://...), instead of the
+    /// SQLite file.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database: Option<String>,
 }
@@ -286,7 +287,8 @@ pub struct UpArgs {
     /// rate limit and summary cache, the data service's records.
     #[arg(long)]
     pub redis: Option<String>,
-    /// PostgreSQL for users and orders (postgres://user@host/db) instead of SQLite.
+    /// PostgreSQL for users, orders and analytics (postgres://user@host/db) instead of
+    /// SQLite.
     #[arg(long)]
     pub database: Option<String>,
     /// How long to wait for each component to become ready.

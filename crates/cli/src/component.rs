@@ -206,7 +206,10 @@ fn service_options(
             (ServiceKind::Unstable, u.common)
         }
     };
-    if matches!(kind, ServiceKind::Users | ServiceKind::Orders) {
+    if matches!(
+        kind,
+        ServiceKind::Users | ServiceKind::Orders | ServiceKind::Analytics
+    ) {
         options.database_url = common.database.clone();
     }
     options

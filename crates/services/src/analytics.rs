@@ -3,7 +3,8 @@
 //! and a call to the external dependency through a circuit breaker.
 //!
 //! - [`metric`]: the `POST /api/metrics` body and its checks, and the summary shape.
-//! - [`store`]: [`MetricStore`] and the embedded [`SqliteMetrics`].
+//! - [`store`]: [`MetricStore`], the embedded [`SqliteMetrics`] and [`PgMetrics`] on
+//!   PostgreSQL (`DATABASE_URL`).
 //! - [`cache`]: [`SummaryCache`] and the in-process [`MemorySummaryCache`].
 //! - [`shared_cache`]: [`RedisSummaryCache`], the cache every instance shares when
 //!   Redis is configured.
@@ -47,7 +48,7 @@ use tower_http::cors::CorsLayer;
 pub use cache::{Lookup, MemorySummaryCache, SummaryCache, Ticket};
 pub use metric::{NewMetric, Summary};
 pub use shared_cache::RedisSummaryCache;
-pub use store::{Applied, MetricStore, SqliteMetrics};
+pub use store::{Applied, MetricStore, Metrics, PgMetrics, SqliteMetrics};
 
 use crate::settings::{InvalidSetting, check_base_url, check_duration, env_number, env_value};
 use crate::upstream::{HttpUpstream, Upstream};

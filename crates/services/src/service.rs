@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 
-use crate::analytics::{self, AnalyticsSettings, SqliteMetrics};
+use crate::analytics::{self, AnalyticsSettings, Metrics};
 use crate::data::{self, DataSettings, DataState, SqliteShards};
 use crate::orders::{self, OrdersState};
 use crate::outbox::relay::{HttpTransport, Relay, RelaySettings, Routes};
@@ -118,8 +118,8 @@ pub struct ServiceOptions {
     pub unstable: UnstableSettings,
     /// The outbox relay of [`ServiceKind::Users`] and [`ServiceKind::Orders`].
     pub outbox: RelaySettings,
-    /// `DATABASE_URL`: users, orders and their outbox on this PostgreSQL database
-    /// instead of the SQLite file in the data directory.
+    /// `DATABASE_URL`: users, orders and their outbox, and analytics' metrics, on this
+    /// PostgreSQL database instead of the SQLite files in the data directory.
     pub database_url: Option<String>,
 }
 
@@ -133,7 +133,12 @@ impl ServiceOptions {
                 }
                 self.outbox.validate()
             }
-            ServiceKind::Analytics => self.analytics.validate(),
+            ServiceKind::Analytics => {
+                if let Some(url) = &self.database_url {
+                    check_database_url(url)?;
+                }
+                self.analytics.validate()
+            }
             ServiceKind::Data => self.data.validate(),
             ServiceKind::Unstable => self.unstable.validate(),
         }
@@ -260,7 +265,7 @@ pub async fn run(
 #[derive(Debug)]
 enum Storage {
     Shared(SharedStore),
-    Metrics(SqliteMetrics),
+    Metrics(Metrics),
     Shards(SqliteShards),
     Nothing,
 }
@@ -324,8 +329,11 @@ async fn build(
                 target(settings.external.as_deref(), discovery),
                 http_client()?,
             );
-            let store =
-                SqliteMetrics::open(&config.data_dir.join(analytics::DATABASE_FILE)).await?;
+            let store = Metrics::open(
+                options.database_url.as_deref(),
+                &config.data_dir.join(analytics::DATABASE_FILE),
+            )
+            .await?;
             let built =
                 analytics::configured_app(store.clone(), upstream, instance, port, settings);
             let (router, transitions) = match built {
@@ -646,7 +654,7 @@ mod tests {
         .await;
         assert_eq!(delivered.id, pending.id);
 
-        let metrics = SqliteMetrics::open(&dir.path().join(analytics::DATABASE_FILE))
+        let metrics = analytics::SqliteMetrics::open(&dir.path().join(analytics::DATABASE_FILE))
             .await
             .unwrap();
         let summary = analytics::MetricStore::summary(&metrics, analytics::ORDERS_CREATED)

@@ -22,7 +22,7 @@ use sqlx::{Row, sqlite::SqliteRow};
 use crate::database::{self, Schema};
 use crate::outbox::{self, Event, SharedOutbox, SqliteOutbox};
 
-mod postgres;
+pub(crate) mod postgres;
 
 pub use postgres::{DATABASE_URL, PgOutbox, PgStore, check_database_url, is_postgres_url};
 

@@ -170,7 +170,7 @@ impl Plan {
                 if let Some(url) = args
                     .database
                     .as_ref()
-                    .filter(|_| matches!(label, "users" | "orders"))
+                    .filter(|_| matches!(label, "users" | "orders" | "analytics"))
                 {
                     a.extend(["--database".into(), url.into()]);
                 }
@@ -303,6 +303,40 @@ mod tests {
         let ports: HashSet<_> = plan.children.iter().map(|c| c.port).collect();
         assert_eq!(ports.len(), 7, "ports are distinct");
         assert!(plan.notes.is_empty());
+    }
+
+    #[test]
+    fn database_and_redis_reach_only_the_services_that_use_them() {
+        let args = up(&[
+            "--database",
+            "postgres://pg@db/test",
+            "--redis",
+            "redis://cache:6379",
+            "--users",
+            "1",
+            "--orders",
+            "1",
+            "--analytics",
+            "1",
+            "--data",
+            "1",
+            "--unstable",
+            "1",
+        ]);
+        let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
+        let passes = |child: &ChildSpec, flag: &str| child.args.iter().any(|a| a == flag);
+        for child in &plan.children {
+            let kind = child.name.split('-').next().unwrap();
+            assert_eq!(
+                passes(child, "--database"),
+                matches!(kind, "users" | "orders" | "analytics"),
+                "{}",
+                child.name
+            );
+            if child.name.starts_with("analytics") {
+                assert!(passes(child, "--redis"), "{}", child.name);
+            }
+        }
     }
 
     #[test]
