@@ -20,6 +20,7 @@ use axum::routing::{delete, get, post};
 use breakwater_runtime::CancellationToken;
 use breakwater_runtime::clock::{iso8601_now, now_millis};
 use breakwater_runtime::http::{ApiError, Json, Path, method_not_allowed, not_found};
+use breakwater_runtime::observe::{self, HttpMetrics};
 use breakwater_runtime::serve::{DEFAULT_DRAIN, serve};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -116,6 +117,18 @@ pub async fn run_with(
     Ok(serve_state(listener, RegistryState::with_store(store), shutdown).await?)
 }
 
+/// The component name the registry logs its requests under.
+pub const REGISTRY_COMPONENT: &str = "registry";
+
+/// [`app`] with `GET /metrics` and the per-request observability layer (request id,
+/// trace context, HTTP metrics, one log line per request), as [`serve_state`] serves it.
+/// Kept out of [`app`] so handler tests see the bare routes.
+pub fn observed_app(state: RegistryState, instance: String, metrics: Arc<HttpMetrics>) -> Router {
+    app(state)
+        .merge(observe::metrics_router(metrics.clone()))
+        .layer(observe::layer(REGISTRY_COMPONENT, instance, metrics))
+}
+
 /// Serves `state` on `listener` with its reaper until `shutdown` fires.
 pub async fn serve_state(
     listener: TcpListener,
@@ -127,7 +140,12 @@ pub async fn serve_state(
     }
     let reaper_stop = shutdown.child_token();
     let reaper = tokio::spawn(reap(state.clone(), reaper_stop.clone()));
-    let served = serve(listener, app(state), shutdown, DEFAULT_DRAIN).await;
+    let instance = match listener.local_addr() {
+        Ok(addr) => format!("{REGISTRY_COMPONENT}-{}", addr.port()),
+        Err(_) => REGISTRY_COMPONENT.to_owned(),
+    };
+    let router = observed_app(state, instance, Arc::new(HttpMetrics::new()));
+    let served = serve(listener, router, shutdown, DEFAULT_DRAIN).await;
     reaper_stop.cancel();
     if let Err(err) = reaper.await {
         tracing::error!(error = %err, "registry reaper failed");

@@ -8,9 +8,12 @@
 //! - [`clock`]: wall-clock timestamps in the formats the contracts use.
 //! - [`http`]: JSON errors, a JSON extractor whose rejections are JSON, and the 404/405
 //!   fallbacks every component shares.
+//! - [`observe`]: per-request request ids, W3C trace context, Prometheus HTTP metrics
+//!   and one log line per request, plus the `GET /metrics` route.
 
 pub mod clock;
 pub mod http;
+pub mod observe;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

@@ -25,6 +25,7 @@ use axum::routing::get;
 use breakwater_resilience::retry::{Backoff, RetryPolicy};
 use breakwater_runtime::clock::iso8601_now;
 use breakwater_runtime::http::{ApiError, Json, Path, method_not_allowed, not_found};
+use breakwater_runtime::observe::HttpMetrics;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower_http::cors::CorsLayer;
@@ -157,6 +158,7 @@ pub struct DataState<S = SqliteShards, U = HttpUpstream> {
     port: u16,
     policy: FetchPolicy,
     metrics: DataMetrics,
+    http_metrics: Option<Arc<HttpMetrics>>,
     started: Instant,
 }
 
@@ -178,8 +180,16 @@ impl<S: DataStore, U: Upstream> DataState<S, U> {
             port,
             policy: settings.policy()?,
             metrics: DataMetrics::new(),
+            http_metrics: None,
             started: Instant::now(),
         })
+    }
+
+    /// Shows the process's HTTP metrics on this service's `GET /metrics` page too, so
+    /// the process has one metrics page with both.
+    pub fn with_http_metrics(mut self, metrics: Arc<HttpMetrics>) -> Self {
+        self.http_metrics = Some(metrics);
+        self
     }
 }
 
@@ -279,7 +289,10 @@ async fn prometheus<S: DataStore, U: Upstream>(
             CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(stored),
+        match &state.http_metrics {
+            Some(http) => http.render_with(|registry| state.metrics.register(registry, stored)),
+            None => state.metrics.render(stored),
+        },
     )
         .into_response())
 }

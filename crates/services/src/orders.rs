@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,12 +11,13 @@ use axum::routing::{get, post};
 use breakwater_registry::client::Discovery;
 use breakwater_runtime::clock::iso8601_now;
 use breakwater_runtime::http::{ApiError, Json, Path, method_not_allowed, not_found};
+use breakwater_runtime::observe::{RequestId, TraceContext};
 use serde_json::{Map, Value, json};
 use tower_http::cors::CorsLayer;
 
 use crate::id;
 use crate::storage::{NewOrder, Order, OrderStore, SqliteStore};
-use crate::user_lookup::{self, UserLookup};
+use crate::user_lookup::{self, Caller, UserLookup};
 
 /// The name orders instances register under.
 pub const SERVICE_NAME: &str = "order-service";
@@ -94,10 +96,16 @@ async fn read<S: OrderStore>(
 
 async fn create<S: OrderStore>(
     State(state): Shared<S>,
+    trace: Option<Extension<TraceContext>>,
+    request_id: Option<Extension<RequestId>>,
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<Order>), ApiError> {
     let new = parse_order(&body)?;
-    match user_lookup::find(&state.users, &state.http, new.user_id).await {
+    let caller = Caller {
+        trace: trace.map(|Extension(t)| t),
+        request_id: request_id.map(|Extension(RequestId(id))| id),
+    };
+    match user_lookup::find(&state.users, &state.http, new.user_id, &caller).await {
         UserLookup::Exists => {}
         UserLookup::Missing => {
             return Err(ApiError::unprocessable(format!(
@@ -297,6 +305,67 @@ mod tests {
         let (status, body) = call(&w.app, "GET", "/orders/x", None).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body, json!({"error": "Invalid order ID"}));
+    }
+
+    #[tokio::test]
+    async fn the_user_lookup_carries_the_callers_trace_and_request_id() {
+        use axum::http::HeaderMap;
+        use breakwater_runtime::observe::{self, HttpMetrics};
+        use std::sync::Mutex;
+
+        const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        /// Each call's (traceparent, x-request-id).
+        type Seen = Arc<Mutex<Vec<(Option<String>, Option<String>)>>>;
+        let seen: Seen = Arc::default();
+        let recorder = seen.clone();
+        let users_app = Router::new().route(
+            "/users/{id}",
+            get(move |headers: HeaderMap| {
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                recorder
+                    .lock()
+                    .unwrap()
+                    .push((header("traceparent"), header("x-request-id")));
+                async { axum::Json(json!({"id": 1, "name": "A", "email": "a@b.c", "age": 1})) }
+            }),
+        );
+        let addr = spawn_server(users_app).await;
+        let (dir, store) = temp_store("trace").await;
+        let w = world_with(
+            dir,
+            store,
+            vec![instance(users::SERVICE_NAME, "127.0.0.1", addr.port())],
+        )
+        .await;
+        let app = w.app.clone().layer(observe::layer(
+            SERVICE_NAME,
+            "order-service-5000".into(),
+            Arc::new(HttpMetrics::new()),
+        ));
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/orders")
+            .header("content-type", "application/json")
+            .header("traceparent", PARENT)
+            .header("x-request-id", "req-42")
+            .body(axum::body::Body::from(r#"{"userId":1,"products":["Pen"]}"#))
+            .unwrap();
+        let res = tower::ServiceExt::oneshot(app, req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1);
+        let (traceparent, request_id) = &seen[0];
+        assert_eq!(request_id.as_deref(), Some("req-42"));
+        let sent = TraceContext::parse(traceparent.as_deref().unwrap()).unwrap();
+        let parent = TraceContext::parse(PARENT).unwrap();
+        assert_eq!(sent.trace_id, parent.trace_id);
+        assert_ne!(sent.span_id, parent.span_id);
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -11,6 +12,7 @@ use breakwater_registry::client::{CachePolicy, Discovery, RegistryClient, spawn_
 use breakwater_registry::wire::RegisterRequest;
 use breakwater_resilience::breaker::Transition;
 use breakwater_runtime::CancellationToken;
+use breakwater_runtime::observe::{self, HttpMetrics};
 use breakwater_runtime::serve::{DEFAULT_DRAIN, serve};
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
@@ -212,7 +214,9 @@ pub async fn run(
 
     // Built before storage opens, so that no error leaves an open database behind.
     let relay_http = http_client()?;
-    let (router, storage) = build(kind, &config, &instance, &registry).await?;
+    let metrics = Arc::new(HttpMetrics::new());
+    let (router, storage) = build(kind, &config, &instance, &registry, &metrics).await?;
+    let router = observed(kind, router, &instance, metrics);
     let relay_stop = shutdown.child_token();
     let relay = match &storage {
         Storage::Shared(store) => {
@@ -281,12 +285,34 @@ impl Storage {
     }
 }
 
-/// Opens what `kind` stores into and builds its router.
+/// `router` with `GET /metrics` (data has its own, which shows `metrics` too) and the
+/// observability layer over every route, so each request is logged and counted once.
+fn observed(
+    kind: ServiceKind,
+    router: Router,
+    instance: &str,
+    metrics: Arc<HttpMetrics>,
+) -> Router {
+    let router = if kind == ServiceKind::Data {
+        router
+    } else {
+        router.merge(observe::metrics_router(metrics.clone()))
+    };
+    router.layer(observe::layer(
+        kind.service_name(),
+        instance.to_owned(),
+        metrics,
+    ))
+}
+
+/// Opens what `kind` stores into and builds its router; data's `GET /metrics` shows
+/// `metrics` beside its own figures.
 async fn build(
     kind: ServiceKind,
     config: &ServiceConfig,
     instance: &str,
     registry: &RegistryClient,
+    metrics: &Arc<HttpMetrics>,
 ) -> Result<(Router, Storage), ServiceError> {
     let port = config.port;
     let options = &config.options;
@@ -359,14 +385,15 @@ async fn build(
                     &settings.redis_prefix,
                 )
                 .await?;
-                let state = DataState::new(store, upstream, instance, port, settings)?;
+                let state = DataState::new(store, upstream, instance, port, settings)?
+                    .with_http_metrics(metrics.clone());
                 return Ok((data::app(state), Storage::Nothing));
             }
             let dir = config.data_dir.join(DATA_SHARD_DIR);
             create_dir(&dir).await?;
             let store = SqliteShards::open(&dir, settings.shards).await?;
             let state = match DataState::new(store.clone(), upstream, instance, port, settings) {
-                Ok(state) => state,
+                Ok(state) => state.with_http_metrics(metrics.clone()),
                 Err(err) => {
                     store.close().await;
                     return Err(err.into());
@@ -711,6 +738,81 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(err, ServiceError::DataDir { .. }), "{err}");
+    }
+
+    async fn get_text(router: &Router, uri: &str) -> (u16, String) {
+        let req = axum::http::Request::builder()
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let res = tower::ServiceExt::oneshot(router.clone(), req)
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_observed_service_answers_metrics_by_route_template() {
+        let metrics = Arc::new(HttpMetrics::new());
+        let state = UnstableState::new("unstable-service-9000", 9000, &UnstableSettings::default())
+            .unwrap();
+        let router = observed(
+            ServiceKind::Unstable,
+            unstable::app(state),
+            "unstable-service-9000",
+            metrics.clone(),
+        );
+        assert_eq!(get_text(&router, "/health").await.0, 200);
+        assert_eq!(get_text(&router, "/no/such/path").await.0, 404);
+        let (status, page) = get_text(&router, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            page.contains(r#"http_requests_total{method="GET",route="/health",status="200"} 1"#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"http_requests_total{method="GET",route="unmatched",status="404"} 1"#),
+            "{page}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_data_service_keeps_one_metrics_page_with_both_sets() {
+        let dir = TempDir::new("observed-data");
+        let settings = DataSettings::default();
+        let store = SqliteShards::open(dir.path(), settings.shards)
+            .await
+            .unwrap();
+        let metrics = Arc::new(HttpMetrics::new());
+        let state = DataState::new(
+            store.clone(),
+            crate::fixtures::ScriptedUpstream::failing(),
+            "data-service-7000",
+            7000,
+            &settings,
+        )
+        .unwrap()
+        .with_http_metrics(metrics.clone());
+        let router = observed(
+            ServiceKind::Data,
+            data::app(state),
+            "data-service-7000",
+            metrics,
+        );
+        assert_eq!(get_text(&router, "/health").await.0, 200);
+        let (status, page) = get_text(&router, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(page.contains("data_requests_total"), "{page}");
+        assert!(
+            page.contains(r#"http_requests_total{method="GET",route="/health",status="200"} 1"#),
+            "{page}"
+        );
+        assert_eq!(page.matches("# EOF").count(), 1, "{page}");
+        store.close().await;
     }
 
     #[test]

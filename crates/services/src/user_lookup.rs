@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use breakwater_registry::client::Discovery;
 use breakwater_registry::wire::Instance;
+use breakwater_runtime::observe::{REQUEST_ID, TRACEPARENT, TraceContext};
 use reqwest::StatusCode;
 
 use crate::users;
@@ -24,10 +25,25 @@ pub(crate) enum UserLookup {
     Unavailable,
 }
 
+/// Who is asking: the incoming request's context, passed on so the users service's log
+/// line joins the same trace and request id.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Caller {
+    /// This hop's trace context; each call goes out as a child span of it.
+    pub(crate) trace: Option<TraceContext>,
+    /// The incoming request's id.
+    pub(crate) request_id: Option<String>,
+}
+
 /// Asks users instances found through `discovery` for user `id`, starting at a random
 /// instance (so orders instances spread their calls) and moving to the next one when an
 /// instance cannot answer.
-pub(crate) async fn find(discovery: &Discovery, http: &reqwest::Client, id: i64) -> UserLookup {
+pub(crate) async fn find(
+    discovery: &Discovery,
+    http: &reqwest::Client,
+    id: i64,
+    caller: &Caller,
+) -> UserLookup {
     let instances = match discovery.resolve(users::SERVICE_NAME).await {
         Ok(instances) if !instances.is_empty() => instances,
         Ok(_) => {
@@ -42,7 +58,7 @@ pub(crate) async fn find(discovery: &Discovery, http: &reqwest::Client, id: i64)
     let start = rand::random_range(0..instances.len());
     for attempt in 0..instances.len().min(MAX_TRIES) {
         let instance = &instances[(start + attempt) % instances.len()];
-        match ask(http, instance, id).await {
+        match ask(http, instance, id, caller).await {
             Ok(answer) => return answer,
             Err(reason) => {
                 tracing::warn!(
@@ -58,14 +74,21 @@ pub(crate) async fn find(discovery: &Discovery, http: &reqwest::Client, id: i64)
 }
 
 /// One instance's answer, or why it gave none.
-async fn ask(http: &reqwest::Client, instance: &Instance, id: i64) -> Result<UserLookup, String> {
+async fn ask(
+    http: &reqwest::Client,
+    instance: &Instance,
+    id: i64,
+    caller: &Caller,
+) -> Result<UserLookup, String> {
     let url = format!("{}/users/{id}", instance.base_url());
-    let response = http
-        .get(&url)
-        .timeout(TRY_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| describe(&e))?;
+    let mut request = http.get(&url).timeout(TRY_TIMEOUT);
+    if let Some(trace) = &caller.trace {
+        request = request.header(TRACEPARENT, trace.child().header_value());
+    }
+    if let Some(request_id) = &caller.request_id {
+        request = request.header(REQUEST_ID, request_id);
+    }
+    let response = request.send().await.map_err(|e| describe(&e))?;
     match response.status() {
         StatusCode::OK => Ok(UserLookup::Exists),
         StatusCode::NOT_FOUND => {

@@ -500,3 +500,38 @@ async fn a_sooner_deadline_wakes_the_reaper() {
     stop.cancel();
     reaper.await.unwrap();
 }
+
+#[tokio::test]
+async fn the_observed_app_answers_metrics_and_request_ids() {
+    let state = RegistryState::new();
+    let metrics = Arc::new(HttpMetrics::new());
+    let router = observed_app(state, "registry-3000".into(), metrics.clone());
+    let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let router = router.layer(MockConnectInfo(peer));
+    let req = Request::builder()
+        .uri("/services/users")
+        .header("x-request-id", "r-1")
+        .body(Body::empty())
+        .unwrap();
+    let res = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-request-id"], "r-1");
+    assert_eq!(metrics.requests("GET", "/services/{name}", 200), 1);
+
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let res = router.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let page = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let page = String::from_utf8(page.to_vec()).unwrap();
+    assert!(
+        page.contains(
+            r#"http_requests_total{method="GET",route="/services/{name}",status="200"} 1"#
+        ),
+        "{page}"
+    );
+}

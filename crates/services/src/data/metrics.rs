@@ -67,8 +67,22 @@ impl DataMetrics {
     /// Prometheus text of every figure; `stored` is the record count over all shards
     /// (every instance), measured by the caller just before.
     pub(crate) fn render(&self, stored: u64) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry, stored);
+        let mut text = String::new();
+        // Writing into a String cannot fail; an error would leave a partial page,
+        // which Prometheus rejects as a whole rather than misreading.
+        if encode(&mut text, &registry).is_err() {
+            tracing::error!("cannot encode metrics");
+        }
+        text
+    }
+
+    /// Adds every figure, under the `data_` prefix, to `registry` (so they can share a
+    /// page with the process's HTTP metrics); `stored` as in [`Self::render`].
+    pub(crate) fn register(&self, registry: &mut Registry, stored: u64) {
         self.stored.set(i64::try_from(stored).unwrap_or(i64::MAX));
-        let mut registry = Registry::with_prefix("data");
+        let registry = registry.sub_registry_with_prefix("data");
         registry.register(
             "requests",
             "HTTP requests served by this instance",
@@ -94,13 +108,6 @@ impl DataMetrics {
             "Records stored over all shards, by every instance",
             self.stored.clone(),
         );
-        let mut text = String::new();
-        // Writing into a String cannot fail; an error would leave a partial page,
-        // which Prometheus rejects as a whole rather than misreading.
-        if encode(&mut text, &registry).is_err() {
-            tracing::error!("cannot encode metrics");
-        }
-        text
     }
 }
 
