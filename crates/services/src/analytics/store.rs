@@ -6,15 +6,14 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::str::FromStr;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::sqlite::SqlitePool;
 
 use super::metric::{NewMetric, Summary, now_ms};
 use crate::database::{self, Schema};
 use crate::storage::StorageError;
-use crate::storage::postgres::{MIGRATOR, redact};
+use crate::storage::postgres::{migrated_pool, parse_url};
 
 /// Metrics: record one, summarise a type.
 pub trait MetricStore: Send + Sync {
@@ -167,31 +166,14 @@ impl PgMetrics {
     /// Connects to the database at `url` (`postgres://...`) and brings its schema up to
     /// date. Safe to call from several processes at the same time.
     pub async fn open(url: &str) -> Result<Self, StorageError> {
-        let options = PgConnectOptions::from_str(url).map_err(|source| StorageError::Connect {
-            target: redact(url),
-            source,
-        })?;
-        Self::connect(options).await
+        Self::connect(parse_url(url)?).await
     }
 
     /// Like [`PgMetrics::open`] with options already parsed (e.g. with a `search_path`).
     pub async fn connect(options: PgConnectOptions) -> Result<Self, StorageError> {
-        let target = format!(
-            "postgres://{}:{}/{}",
-            options.get_host(),
-            options.get_port(),
-            options.get_database().unwrap_or_default()
-        );
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .map_err(|source| StorageError::Connect { target, source })?;
-        if let Err(e) = MIGRATOR.run(&pool).await {
-            pool.close().await;
-            return Err(StorageError::Schema(e.into()));
-        }
-        Ok(Self { pool })
+        Ok(Self {
+            pool: migrated_pool(options).await?,
+        })
     }
 
     /// Closes every connection; later calls fail.

@@ -54,31 +54,14 @@ impl PgStore {
     /// Connects to the database at `url` (`postgres://...`), brings its schema up to
     /// date and seeds it once. Safe to call from several processes at the same time.
     pub async fn open(url: &str) -> Result<Self, StorageError> {
-        let options = PgConnectOptions::from_str(url).map_err(|source| StorageError::Connect {
-            target: redact(url),
-            source,
-        })?;
-        Self::connect(options).await
+        Self::connect(parse_url(url)?).await
     }
 
     /// Like [`PgStore::open`] with options already parsed (e.g. with a `search_path`).
     pub async fn connect(options: PgConnectOptions) -> Result<Self, StorageError> {
-        let target = format!(
-            "postgres://{}:{}/{}",
-            options.get_host(),
-            options.get_port(),
-            options.get_database().unwrap_or_default()
-        );
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with(options)
-            .await
-            .map_err(|source| StorageError::Connect { target, source })?;
-        if let Err(e) = MIGRATOR.run(&pool).await {
-            pool.close().await;
-            return Err(StorageError::Schema(e.into()));
-        }
-        Ok(Self { pool })
+        Ok(Self {
+            pool: migrated_pool(options).await?,
+        })
     }
 
     /// The outbox of this database. Shares this store's pool.
@@ -92,6 +75,36 @@ impl PgStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Parses a `postgres://` URL; the error names it without its password.
+pub(crate) fn parse_url(url: &str) -> Result<PgConnectOptions, StorageError> {
+    PgConnectOptions::from_str(url).map_err(|source| StorageError::Connect {
+        target: redact(url),
+        source,
+    })
+}
+
+/// A pool on `options` with every migration applied (users, orders, outbox and
+/// analytics share one migration history). Safe from several processes at once: the
+/// migrator takes an advisory lock.
+pub(crate) async fn migrated_pool(options: PgConnectOptions) -> Result<PgPool, StorageError> {
+    let target = format!(
+        "postgres://{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or_default()
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(options)
+        .await
+        .map_err(|source| StorageError::Connect { target, source })?;
+    if let Err(e) = MIGRATOR.run(&pool).await {
+        pool.close().await;
+        return Err(StorageError::Schema(e.into()));
+    }
+    Ok(pool)
 }
 
 /// The URL without its password, fit for an error message.
