@@ -9,11 +9,15 @@
 //! - [`http`]: JSON errors, a JSON extractor whose rejections are JSON, and the 404/405
 //!   fallbacks every component shares.
 //! - [`observe`]: per-request request ids, W3C trace context, Prometheus HTTP metrics
-//!   and one log line per request, plus the `GET /metrics` route.
+//!   and one log line per request, plus the `GET /metrics` route; the context passed on
+//!   by service-to-service calls.
+//! - [`otlp`]: OpenTelemetry trace export over OTLP/HTTP JSON when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
 pub mod clock;
 pub mod http;
 pub mod observe;
+pub mod otlp;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

@@ -1,6 +1,15 @@
 //! Per-request observability shared by every axum component: a request id, a W3C trace
-//! context for this hop, Prometheus HTTP metrics keyed by route template, and exactly one
-//! tracing event per request; plus the `GET /metrics` route that renders them.
+//! context for this hop, Prometheus HTTP metrics keyed by route template, exactly one
+//! tracing event per request (at debug for the polled routes: health checks, metrics
+//! scrapes, heartbeats) and, when OTLP export is on, one server span per request; plus
+//! the `GET /metrics` route that renders them.
+//!
+//! - [`layer`] / [`ObserveLayer`]: the tower layer.
+//! - [`TraceContext`], [`RequestId`]: what the layer puts in the request's extensions.
+//! - [`Caller`] / [`OutgoingCall`]: an extractor for the incoming request's context, and
+//!   one outgoing service-to-service call made on its behalf (a child span, its
+//!   `traceparent` and `x-request-id`, and its client span when export is on).
+//! - [`HttpMetrics`], [`metrics_router`]: the Prometheus figures and their page.
 
 use std::convert::Infallible;
 use std::fmt;
@@ -10,8 +19,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Request, State};
 use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -21,6 +31,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::otlp::{AttrValue, FinishedSpan, SpanKind, SpanTimer, Tracer};
+
 /// The request id header, taken from the caller or made here, and echoed back.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The W3C trace context header.
@@ -29,6 +41,12 @@ pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const UNMATCHED: &str = "unmatched";
 /// The content type of `GET /metrics`.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Routes polled by machines (health checks, Prometheus scrapes, registry heartbeats:
+/// every instance every 2 s under `up`) whose request lines are logged at debug, and
+/// whose spans are exported only when the caller sent a `traceparent` (otherwise each
+/// poll would be a one-span trace of its own). They are still counted.
+pub const QUIET_ROUTES: &[&str] = &["/health", "/metrics", "/heartbeat"];
 
 /// Longest caller-given request id kept; longer (or non-visible-ASCII) ones are replaced
 /// so a client cannot blow up log lines.
@@ -97,6 +115,11 @@ impl TraceContext {
             "00-{:032x}-{:016x}-{:02x}",
             self.trace_id, self.span_id, self.flags
         )
+    }
+
+    /// Whether the trace is sampled (flag bit 0): only sampled spans are exported.
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
     }
 
     /// The trace id as 32 lowercase hex characters, as logged.
@@ -203,6 +226,9 @@ impl HttpMetrics {
             "Time to answer an HTTP request, by route template",
             self.durations.clone(),
         );
+        if let Some(tracer) = Tracer::global() {
+            tracer.register(&mut registry);
+        }
         extra(&mut registry);
         let mut text = String::new();
         // Writing into a String cannot fail; an error would leave a partial page, which
@@ -226,7 +252,8 @@ async fn metrics_page(State(metrics): State<Arc<HttpMetrics>>) -> Response {
 }
 
 /// The observability layer of component `component` (e.g. `"user-service"`), instance
-/// `instance`, counting into `metrics`. Apply it with `Router::layer` so that the route
+/// `instance`, counting into `metrics` and recording server spans into the process's
+/// [`Tracer`] when one is installed. Apply it with `Router::layer` so that the route
 /// template ([`MatchedPath`]) is known.
 pub fn layer(component: &'static str, instance: String, metrics: Arc<HttpMetrics>) -> ObserveLayer {
     ObserveLayer {
@@ -234,21 +261,37 @@ pub fn layer(component: &'static str, instance: String, metrics: Arc<HttpMetrics
             component,
             instance,
             metrics,
+            tracer: Tracer::global().cloned(),
         }),
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Observer {
     component: &'static str,
     instance: String,
     metrics: Arc<HttpMetrics>,
+    tracer: Option<Tracer>,
 }
 
 /// The tower layer made by [`layer`].
 #[derive(Debug, Clone)]
 pub struct ObserveLayer {
     observer: Arc<Observer>,
+}
+
+impl ObserveLayer {
+    /// Records server spans into `tracer` instead of the process's (tests run several
+    /// components, each with its own collector, in one process).
+    #[must_use]
+    pub fn with_tracer(self, tracer: Option<Tracer>) -> Self {
+        Self {
+            observer: Arc::new(Observer {
+                tracer,
+                ..(*self.observer).clone()
+            }),
+        }
+    }
 }
 
 impl<S> tower::Layer<S> for ObserveLayer {
@@ -302,17 +345,23 @@ where
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
             .map_or_else(new_request_id, str::to_owned);
-        let trace = req
+        let parent = req
             .headers()
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
-            .and_then(TraceContext::parse)
-            .map_or_else(TraceContext::new_root, |parent| parent.child());
-        let route = req
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or_else(|| UNMATCHED.to_owned(), |p| p.as_str().to_owned());
+            .and_then(TraceContext::parse);
+        let trace = parent.map_or_else(TraceContext::new_root, |parent| parent.child());
+        let matched = req.extensions().get::<MatchedPath>();
+        let route = matched.map_or_else(|| UNMATCHED.to_owned(), |p| p.as_str().to_owned());
+        let quiet = matched.is_some_and(|p| QUIET_ROUTES.contains(&p.as_str()));
+        let is_matched = matched.is_some();
         let method = req.method().clone();
+        // Off (no tracer, or an unsampled trace): one branch, no clock read.
+        let span = observer
+            .tracer
+            .as_ref()
+            .filter(|_| trace.sampled() && !(quiet && parent.is_none()))
+            .map(|_| (SpanTimer::start(), req.uri().path().to_owned()));
         req.extensions_mut().insert(RequestId(request_id.clone()));
         req.extensions_mut().insert(trace);
 
@@ -326,19 +375,178 @@ where
             observer
                 .metrics
                 .record(method.as_str(), &route, status, latency.as_secs_f64());
-            tracing::info!(
-                component = observer.component,
-                request_id = %request_id,
-                instance = %observer.instance,
-                method = %method,
-                route = %route,
-                status,
-                latency_ms = latency.as_secs_f64() * 1000.0,
-                trace_id = %trace.trace_hex(),
-                "request"
-            );
+            macro_rules! request_line {
+                ($level:ident) => {
+                    tracing::$level!(
+                        component = observer.component,
+                        request_id = %request_id,
+                        instance = %observer.instance,
+                        method = %method,
+                        route = %route,
+                        status,
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        trace_id = %trace.trace_hex(),
+                        "request"
+                    )
+                };
+            }
+            if quiet {
+                request_line!(debug);
+            } else {
+                request_line!(info);
+            }
+            if let (Some(tracer), Some((timer, path))) = (&observer.tracer, span) {
+                let mut span = server_span(
+                    trace,
+                    parent.map(|p| p.span_id),
+                    timer.finish(),
+                    method.as_str(),
+                    is_matched.then_some(route.as_str()),
+                    status,
+                );
+                span.attributes.extend([
+                    ("url.path", AttrValue::Str(path)),
+                    ("breakwater.request_id", AttrValue::Str(request_id)),
+                ]);
+                tracer.record(span);
+            }
             Ok(response)
         })
+    }
+}
+
+/// The server span of one answered request: named `<method> <route>` (the method alone
+/// when no route matched), with the HTTP attributes, failed on a 5xx only (a 4xx is the
+/// client's error). The times are `(start, end)` in Unix nanoseconds, as
+/// [`SpanTimer::finish`] and [`SpanTimer::since`] give them.
+pub fn server_span(
+    trace: TraceContext,
+    parent_span_id: Option<u64>,
+    (start_unix_nano, end_unix_nano): (u64, u64),
+    method: &str,
+    route: Option<&str>,
+    status: u16,
+) -> FinishedSpan {
+    let mut attributes = vec![
+        ("http.request.method", AttrValue::from(method)),
+        ("http.response.status_code", AttrValue::from(status)),
+    ];
+    let name = match route {
+        Some(route) => {
+            attributes.push(("http.route", AttrValue::from(route)));
+            format!("{method} {route}")
+        }
+        None => method.to_owned(),
+    };
+    FinishedSpan {
+        trace_id: trace.trace_id,
+        span_id: trace.span_id,
+        parent_span_id,
+        name,
+        kind: SpanKind::Server,
+        start_unix_nano,
+        end_unix_nano,
+        attributes,
+        error: (status >= 500).then(|| format!("status {status}")),
+    }
+}
+
+/// The incoming request's context, as an extractor: what a handler passes on to the
+/// services it calls. Empty outside the observe layer (a root trace is started then).
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// This hop's trace context; each call goes out as a child span of it.
+    pub trace: Option<TraceContext>,
+    /// The incoming request's id.
+    pub request_id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        Ok(Self {
+            trace: parts.extensions.get::<TraceContext>().copied(),
+            request_id: parts
+                .extensions
+                .get::<RequestId>()
+                .map(|RequestId(id)| id.clone()),
+        })
+    }
+}
+
+impl Caller {
+    /// Starts one outgoing call (one try: a retry is another call, with its own span),
+    /// recording its client span into `tracer` when it finishes.
+    pub fn start_call(&self, tracer: Option<&Tracer>) -> OutgoingCall {
+        let (trace, parent) = match self.trace {
+            Some(hop) => (hop.child(), Some(hop.span_id)),
+            None => (TraceContext::new_root(), None),
+        };
+        OutgoingCall {
+            trace,
+            parent,
+            request_id: self.request_id.clone(),
+            recording: tracer
+                .filter(|_| trace.sampled())
+                .map(|t| (t.clone(), SpanTimer::start())),
+        }
+    }
+}
+
+/// One outgoing call on behalf of a [`Caller`]: send [`OutgoingCall::traceparent`] and
+/// [`OutgoingCall::request_id`], then [`OutgoingCall::finish`] with the outcome.
+#[derive(Debug)]
+pub struct OutgoingCall {
+    trace: TraceContext,
+    parent: Option<u64>,
+    request_id: Option<String>,
+    recording: Option<(Tracer, SpanTimer)>,
+}
+
+impl OutgoingCall {
+    /// This call's context (its span is the callee's parent).
+    pub fn trace(&self) -> TraceContext {
+        self.trace
+    }
+
+    /// The `traceparent` header value to send.
+    pub fn traceparent(&self) -> String {
+        self.trace.header_value()
+    }
+
+    /// The `x-request-id` to send, when the caller had one.
+    pub fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    /// Records the client span (when export is on): `name` like `GET /data`, `url` the
+    /// URL called, `status` the answer's status if any, `error` why the call failed
+    /// (transport error, timeout, or a status the caller treats as failure).
+    pub fn finish(self, name: &str, url: &str, status: Option<u16>, error: Option<String>) {
+        let Some((tracer, timer)) = self.recording else {
+            return;
+        };
+        let (start_unix_nano, end_unix_nano) = timer.finish();
+        let method = name.split(' ').next().unwrap_or(name);
+        let mut attributes = vec![
+            ("http.request.method", AttrValue::from(method)),
+            ("url.full", AttrValue::from(url)),
+        ];
+        if let Some(status) = status {
+            attributes.push(("http.response.status_code", AttrValue::from(status)));
+        }
+        tracer.record(FinishedSpan {
+            trace_id: self.trace.trace_id,
+            span_id: self.trace.span_id,
+            parent_span_id: self.parent,
+            name: name.to_owned(),
+            kind: SpanKind::Client,
+            start_unix_nano,
+            end_unix_nano,
+            attributes,
+            error,
+        });
     }
 }
 
@@ -347,6 +555,7 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::StatusCode;
+    use serde_json::Value;
     use tower::ServiceExt;
 
     const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -462,5 +671,127 @@ mod tests {
             "{page}"
         );
         assert!(!page.contains("/items/1"), "{page}");
+    }
+
+    #[tokio::test]
+    async fn server_and_client_spans_reach_the_collector_in_the_callers_trace() {
+        use crate::otlp::tests::{Collector, attr};
+        use crate::otlp::{ExportConfig, start};
+
+        let collector = Collector::start().await;
+        let (tracer, exporter) = start(
+            ExportConfig::new(collector.endpoint(), "test-service", "test-1"),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let call_tracer = tracer.clone();
+        let metrics = Arc::new(HttpMetrics::new());
+        let app = Router::new()
+            .route(
+                "/calls/{id}",
+                get(move |caller: Caller| async move {
+                    let call = caller.start_call(Some(&call_tracer));
+                    let sent = call.traceparent();
+                    call.finish(
+                        "GET /data",
+                        "http://dep/data",
+                        Some(503),
+                        Some("503".into()),
+                    );
+                    sent
+                }),
+            )
+            .layer(layer("test-service", "test-1".into(), metrics).with_tracer(Some(tracer)));
+
+        let (_, id, sent) = call(
+            &app,
+            get_req(
+                "/calls/7",
+                &[("traceparent", PARENT), ("x-request-id", "r-1")],
+            ),
+        )
+        .await;
+        assert_eq!(id.as_deref(), Some("r-1"));
+        let (status, _, _) = call(&app, get_req("/nowhere", &[])).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        exporter.finish().await;
+
+        let spans = collector.spans();
+        assert_eq!(spans.len(), 3, "{spans:#?}");
+        let find = |name: &str| {
+            spans
+                .iter()
+                .find(|s| s["name"] == name)
+                .unwrap_or_else(|| panic!("no span {name}: {spans:#?}"))
+                .clone()
+        };
+        let server = find("GET /calls/{id}");
+        let client = find("GET /data");
+        let unmatched = find("GET");
+        let caller = TraceContext::parse(PARENT).unwrap();
+        assert_eq!(server["traceId"], caller.trace_hex());
+        assert_eq!(server["parentSpanId"], format!("{:016x}", caller.span_id));
+        assert_eq!(server["kind"], 2);
+        assert_eq!(server["resource.service.name"], "test-service");
+        assert_eq!(server["resource.service.instance.id"], "test-1");
+        assert_eq!(attr(&server, "http.route"), "/calls/{id}");
+        assert_eq!(attr(&server, "url.path"), "/calls/7");
+        assert_eq!(attr(&server, "http.response.status_code"), "200");
+        assert_eq!(attr(&server, "breakwater.request_id"), "r-1");
+        assert_eq!(server["status"]["code"], 0);
+        // The client span is the server span's child, and what was sent names it.
+        let sent = TraceContext::parse(&sent).unwrap();
+        assert_eq!(client["traceId"], caller.trace_hex());
+        assert_eq!(client["parentSpanId"], server["spanId"]);
+        assert_eq!(client["spanId"], format!("{:016x}", sent.span_id));
+        assert_eq!(client["kind"], 3);
+        assert_eq!(client["status"]["code"], 2);
+        assert_eq!(attr(&client, "url.full"), "http://dep/data");
+        // No traceparent: a new root trace, and no route template to name it by.
+        assert!(unmatched.get("parentSpanId").is_none(), "{unmatched}");
+        assert_ne!(unmatched["traceId"], caller.trace_hex());
+        assert_eq!(attr(&unmatched, "http.route"), Value::Null);
+    }
+
+    #[tokio::test]
+    async fn unsampled_traces_and_untraced_polls_are_not_recorded() {
+        use crate::otlp::tests::Collector;
+        use crate::otlp::{ExportConfig, start};
+
+        let collector = Collector::start().await;
+        let (tracer, exporter) = start(
+            ExportConfig::new(collector.endpoint(), "test-service", "test-1"),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let app =
+            Router::new()
+                .route(
+                    "/items/{id}",
+                    get(
+                        |axum::Extension(t): axum::Extension<TraceContext>| async move {
+                            t.header_value()
+                        },
+                    ),
+                )
+                .route("/health", get(|| async { "ok" }))
+                .layer(
+                    layer(
+                        "test-service",
+                        "test-1".into(),
+                        Arc::new(HttpMetrics::new()),
+                    )
+                    .with_tracer(Some(tracer)),
+                );
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let (_, _, body) = call(&app, get_req("/items/1", &[("traceparent", unsampled)])).await;
+        assert!(body.ends_with("-00"), "{body}");
+        call(&app, get_req("/items/1", &[("traceparent", PARENT)])).await;
+        // A poll on its own is no trace worth exporting; one inside a trace is.
+        call(&app, get_req("/health", &[])).await;
+        call(&app, get_req("/health", &[("traceparent", PARENT)])).await;
+        exporter.finish().await;
+        let spans = collector.spans();
+        let names: Vec<_> = spans.iter().map(|s| s["name"].clone()).collect();
+        assert_eq!(names, ["GET /items/{id}", "GET /health"], "{spans:#?}");
+        assert!(spans.iter().all(|s| s.get("parentSpanId").is_some()));
     }
 }
