@@ -123,6 +123,15 @@ pub enum FailMode {
     Closed,
 }
 
+/// Who made a [`RedisRateLimiter::decide`] decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// The shared limit in Redis.
+    Redis,
+    /// The fail mode, because Redis failed or was too slow.
+    Fallback,
+}
+
 /// Why a [`RedisRateLimiter`] could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisLimitError {
@@ -252,10 +261,16 @@ impl RedisRateLimiter {
     /// Admits one request for `key` against the shared limit, or says how long to wait.
     /// When Redis cannot decide, the fail mode does (and the fallback is counted).
     pub async fn check(&self, key: &str) -> Result<RateInfo, RateLimited> {
+        self.decide(key).await.0
+    }
+
+    /// [`check`](Self::check), also saying who decided, so a caller can count
+    /// fallbacks in its own metrics.
+    pub async fn decide(&self, key: &str) -> (Result<RateInfo, RateLimited>, DecidedBy) {
         match tokio::time::timeout(self.timeout, self.ask_redis(key)).await {
-            Ok(Ok(decision)) => decision,
-            Ok(Err(err)) => self.fall_back(key, &err.to_string()),
-            Err(_) => self.fall_back(key, "timed out"),
+            Ok(Ok(decision)) => (decision, DecidedBy::Redis),
+            Ok(Err(err)) => (self.fall_back(key, &err.to_string()), DecidedBy::Fallback),
+            Err(_) => (self.fall_back(key, "timed out"), DecidedBy::Fallback),
         }
     }
 
@@ -370,7 +385,9 @@ mod tests {
         let closed = RedisRateLimiter::new("redis://127.0.0.1:1", "p", limit)
             .unwrap()
             .with_fail_mode(FailMode::Closed);
-        assert!(closed.check("k").await.is_err());
+        let (decision, by) = closed.decide("k").await;
+        assert!(decision.is_err());
+        assert_eq!(by, DecidedBy::Fallback);
         assert_eq!(closed.fallbacks(), 1);
     }
 }
