@@ -17,6 +17,18 @@ use serde::de::DeserializeOwned;
 use crate::wire::{HeartbeatResponse, Instance, RegisterRequest, RegisterResponse, ServiceList};
 
 pub use discovery::{CacheInfo, CachePolicy, Discovery, DiscoveryError};
+
+/// The header of a watch answer carrying the version it shows.
+pub const REGISTRY_INDEX_HEADER: &str = "x-registry-index";
+
+/// What [`RegistryClient::watch`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watched {
+    /// The live instances.
+    pub instances: Vec<Instance>,
+    /// Their version: pass it to the next watch.
+    pub index: u64,
+}
 pub use registration::spawn_registration;
 
 /// How long one registry call may take unless [`RegistryClient::with_timeout`] says
@@ -172,6 +184,43 @@ impl RegistryClient {
         Ok(list.services)
     }
 
+    /// `GET /services/{name}/watch`: waits up to `wait` (at most 60 s) for `name`'s
+    /// instances to change from version `index` (answers at once without one, or when
+    /// the version differs) and returns them with their version.
+    pub async fn watch(
+        &self,
+        name: &str,
+        index: Option<u64>,
+        wait: Duration,
+    ) -> Result<Watched, ClientError> {
+        let mut url = self.url(&["services", name, "watch"])?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(index) = index {
+                query.append_pair("index", &index.to_string());
+            }
+            query.append_pair("timeout", &format!("{}ms", wait.as_millis()));
+        }
+        let shown = url.to_string();
+        // The registry holds the call for `wait`; only past that is it late.
+        let (headers, list): (_, ServiceList) = self
+            .exchange(Method::GET, url, None::<&()>, wait + self.timeout)
+            .await?;
+        let index = headers
+            .get(REGISTRY_INDEX_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| ClientError::Status {
+                url: shown,
+                status: StatusCode::BAD_GATEWAY,
+                body: format!("answer without a valid {REGISTRY_INDEX_HEADER} header"),
+            })?;
+        Ok(Watched {
+            instances: list.services,
+            index,
+        })
+    }
+
     /// `GET /services`: every service with live instances.
     pub async fn all_services(&self) -> Result<BTreeMap<String, Vec<Instance>>, ClientError> {
         let url = self.url(&["services"])?;
@@ -199,19 +248,32 @@ impl RegistryClient {
         url: Url,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        let (_, value) = self.exchange(method, url, body, self.timeout).await?;
+        Ok(value)
+    }
+
+    /// One call bounded by `timeout`: the answer's headers and decoded body.
+    async fn exchange<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<(reqwest::header::HeaderMap, T), ClientError> {
         let shown = url.to_string();
-        let mut request = self.http.request(method, url).timeout(self.timeout);
+        let mut request = self.http.request(method, url).timeout(timeout);
         if let Some(body) = body {
             request = request.json(body);
         }
         let result = async {
             let response = request.send().await?;
             let status = response.status();
+            let headers = response.headers().clone();
             let bytes = response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, bytes))
+            Ok::<_, reqwest::Error>((status, headers, bytes))
         }
         .await;
-        let (status, bytes) = match result {
+        let (status, headers, bytes) = match result {
             Ok(answer) => {
                 self.last_call_ok.store(true, Ordering::Relaxed);
                 answer
@@ -236,7 +298,9 @@ impl RegistryClient {
                 body,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode { url: shown, source })
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|source| ClientError::Decode { url: shown, source })?;
+        Ok((headers, value))
     }
 }
 

@@ -1,6 +1,13 @@
 //! The registry server: the HTTP API of the contract ([`app`]), the reaper that removes
 //! each instance at its expiry deadline ([`reap`]), and [`run`] / [`run_with`], which
 //! serve both until shutdown over a memory or a shared (Redis) instance table.
+//!
+//! Beyond the contract, `GET /services/{name}/watch?index=N&timeout=T` is a long poll
+//! for watchers: it answers at once (the list, and the service's version in
+//! `X-Registry-Index`) when the version differs from `N` (or `N` is absent), else when
+//! it changes, or after `T` (default 30 s, at most 60 s; `30`, `30s`, `500ms`) with the
+//! same list and index. A shared store's replicas hear each other's changes
+//! ([`Store::listen_for_changes`]), so a watcher on any replica wakes.
 
 mod dashboard;
 mod request;
@@ -15,7 +22,8 @@ use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
 use axum::http::request::Parts;
-use axum::response::Html;
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use breakwater_runtime::CancellationToken;
 use breakwater_runtime::clock::{iso8601_now, now_millis};
@@ -27,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::client::REGISTRY_INDEX_HEADER;
 use crate::store::{InstanceStore, Recorded, RemoveError, Store, StoreChoice, StoreError};
 use crate::wire::{HeartbeatResponse, Instance, RegisterResponse, RemovedResponse, ServiceList};
 use request::{RawRegistration, normalise_host, normalise_ip};
@@ -39,6 +48,9 @@ pub struct RegistryState {
     /// Signalled when a deadline earlier than the one the reaper sleeps towards appears.
     sooner_deadline: Arc<Notify>,
     started: Instant,
+    /// Cancelled when the server stops, so long polls answer instead of holding the
+    /// drain.
+    stopping: CancellationToken,
 }
 
 impl Default for RegistryState {
@@ -59,6 +71,7 @@ impl RegistryState {
             store,
             sooner_deadline: Arc::new(Notify::new()),
             started: Instant::now(),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -83,6 +96,7 @@ pub fn app(state: RegistryState) -> Router {
         .route("/heartbeat", post(heartbeat))
         .route("/services", get(all_services))
         .route("/services/{name}", get(services))
+        .route("/services/{name}/watch", get(watch))
         .route("/services/{name}/{port}", delete(remove))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -140,6 +154,11 @@ pub async fn serve_state(
     }
     let reaper_stop = shutdown.child_token();
     let reaper = tokio::spawn(reap(state.clone(), reaper_stop.clone()));
+    let mut state = state;
+    state.stopping = shutdown.child_token();
+    let store = state.store.clone();
+    let listener_stop = reaper_stop.clone();
+    let changes = tokio::spawn(async move { store.listen_for_changes(listener_stop).await });
     let instance = match listener.local_addr() {
         Ok(addr) => format!("{REGISTRY_COMPONENT}-{}", addr.port()),
         Err(_) => REGISTRY_COMPONENT.to_owned(),
@@ -149,6 +168,9 @@ pub async fn serve_state(
     reaper_stop.cancel();
     if let Err(err) = reaper.await {
         tracing::error!(error = %err, "registry reaper failed");
+    }
+    if let Err(err) = changes.await {
+        tracing::error!(error = %err, "registry change listener failed");
     }
     served
 }
@@ -276,6 +298,88 @@ async fn services(
         .await
         .map_err(store_unavailable)?;
     Ok(Json(ServiceList { services }))
+}
+
+/// Header of a watch answer: the version of the service's instances it shows.
+pub const REGISTRY_INDEX: HeaderName = HeaderName::from_static(REGISTRY_INDEX_HEADER);
+/// How long a watch waits when it does not say.
+pub const DEFAULT_WATCH: Duration = Duration::from_secs(30);
+/// The longest wait a watch may ask for.
+pub const MAX_WATCH: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Deserialize)]
+struct WatchQuery {
+    index: Option<String>,
+    timeout: Option<String>,
+}
+
+impl WatchQuery {
+    fn index(&self) -> Result<Option<u64>, ApiError> {
+        match self.index.as_deref() {
+            None | Some("") => Ok(None),
+            Some(raw) => raw.parse().map(Some).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "Invalid index: {raw:?} is not a non-negative integer"
+                ))
+            }),
+        }
+    }
+
+    fn timeout(&self) -> Result<Duration, ApiError> {
+        let Some(raw) = self.timeout.as_deref().filter(|t| !t.is_empty()) else {
+            return Ok(DEFAULT_WATCH);
+        };
+        let parsed = match raw.parse::<u64>() {
+            Ok(secs) => Some(Duration::from_secs(secs)),
+            Err(_) => humantime::parse_duration(raw).ok(),
+        };
+        parsed.filter(|t| *t <= MAX_WATCH).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Invalid timeout: {raw:?} must be seconds or a duration such as 30s, at most 60s"
+            ))
+        })
+    }
+}
+
+/// The long poll described in the module docs.
+async fn watch(
+    State(state): State<RegistryState>,
+    Path(name): Path<String>,
+    query: Result<Query<WatchQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request(format!("Invalid query: {}", e.body_text())))?;
+    let (index, timeout) = (query.index()?, query.timeout()?);
+    let deadline = Instant::now() + timeout;
+    // Subscribed before the version is read: a change in between still wakes us.
+    let mut woken = state.store.subscribe();
+    let version = loop {
+        let version = state
+            .store
+            .version(&name)
+            .await
+            .map_err(store_unavailable)?;
+        if index.is_none_or(|seen| seen != version) {
+            break version;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => break version,
+            () = state.stopping.cancelled() => break version,
+            changed = woken.changed() => if changed.is_err() { break version },
+        }
+    };
+    // Listed after the version was read, so the list is at least that new; a change in
+    // between makes the next watch with this index answer at once.
+    let services = state
+        .store
+        .list(&name, Instant::now())
+        .await
+        .map_err(store_unavailable)?;
+    let mut response = Json(ServiceList { services }).into_response();
+    response
+        .headers_mut()
+        .insert(REGISTRY_INDEX, HeaderValue::from(version));
+    Ok(response)
 }
 
 async fn all_services(

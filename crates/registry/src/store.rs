@@ -9,10 +9,14 @@
 //! [`Store`] is the one the server holds: either of them, chosen at start
 //! ([`StoreChoice`]).
 //!
+//! [`changes`]: each store versions every service's set of instances and wakes watchers
+//! when it changes (`GET /services/{name}/watch`).
+//!
 //! An instance is alive while `now - lastHeartbeat <= 1.5 x heartbeatInterval`, that is
 //! while `now <= deadline`. Reads skip instances past their deadline even before the
 //! reaper has removed them.
 
+pub mod changes;
 pub mod redis;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,7 +25,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+use tokio::sync::watch;
 use tokio::time::Instant;
+
+use changes::Changes;
 
 use crate::name::ServiceName;
 use crate::wire::Instance;
@@ -159,6 +166,14 @@ pub trait InstanceStore: Send + Sync {
     /// When the reaper should next call [`InstanceStore::reap_expired`]; `None` while
     /// nothing can expire.
     fn next_reap(&self, now: Instant) -> Option<Instant>;
+
+    /// The version of `name`'s set of instances: it grows on every registration,
+    /// removal and expiry of one of them (renewals leave it). 0 for a name never seen.
+    fn version(&self, name: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// A receiver woken after any version may have changed; subscribe before reading
+    /// the version to compare against.
+    fn subscribe(&self) -> watch::Receiver<u64>;
 }
 
 #[derive(Debug)]
@@ -220,6 +235,7 @@ impl Table {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     table: Mutex<Table>,
+    changes: Changes,
 }
 
 impl MemoryStore {
@@ -256,6 +272,8 @@ impl MemoryStore {
             instance: instance.clone(),
             deadline,
         });
+        drop(table);
+        self.changes.bump(&instance.name);
         Recorded {
             instance,
             renewed: false,
@@ -320,11 +338,14 @@ impl MemoryStore {
         if ids.is_empty() {
             return Err(RemoveError::InstanceNotFound);
         }
-        Ok(ids
+        let removed: Vec<Instance> = ids
             .iter()
             .filter_map(|id| table.take(name, id))
             .map(|r| r.instance)
-            .collect())
+            .collect();
+        drop(table);
+        self.changes.bump(name);
+        Ok(removed)
     }
 
     /// The live instances of `name`, ordered by id; empty for an unknown name.
@@ -360,11 +381,22 @@ impl MemoryStore {
             .take_while(|(at, _, _)| *at < now)
             .map(|(_, name, id)| (name.clone(), id.clone()))
             .collect();
-        expired
+        let expired: Vec<Instance> = expired
             .iter()
             .filter_map(|(name, id)| table.take(name, id))
             .map(|r| r.instance)
-            .collect()
+            .collect();
+        drop(table);
+        let names: BTreeSet<&str> = expired.iter().map(|i| i.name.as_str()).collect();
+        for name in names {
+            self.changes.bump(name);
+        }
+        expired
+    }
+
+    /// The version of `name`'s instances (see [`InstanceStore::version`]).
+    pub fn version(&self, name: &str) -> u64 {
+        self.changes.version(name)
     }
 
     /// Number of stored instances, expired ones not yet reaped included.
@@ -422,6 +454,14 @@ impl InstanceStore for MemoryStore {
     fn next_reap(&self, _now: Instant) -> Option<Instant> {
         self.next_deadline()
     }
+
+    async fn version(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(MemoryStore::version(self, name))
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
 }
 
 /// How often the reaper sweeps a shared store's indexes. Reads already skip expired
@@ -472,6 +512,14 @@ impl InstanceStore for redis::RedisStore {
     fn next_reap(&self, now: Instant) -> Option<Instant> {
         Some(now + SHARED_SWEEP_EVERY)
     }
+
+    async fn version(&self, name: &str) -> Result<u64, StoreError> {
+        redis::RedisStore::version(self, name).await
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        redis::RedisStore::subscribe(self)
+    }
 }
 
 /// Which instance table a registry server uses.
@@ -513,6 +561,14 @@ impl Store {
             StoreChoice::Redis { url, prefix } => {
                 Ok(Self::Redis(redis::RedisStore::connect(url, prefix).await?))
             }
+        }
+    }
+
+    /// Relays changes made through other replicas to this process's watchers until
+    /// `shutdown` fires (a shared store only; the memory store has no one else).
+    pub async fn listen_for_changes(&self, shutdown: tokio_util::sync::CancellationToken) {
+        if let Self::Redis(r) = self {
+            r.listen(shutdown).await;
         }
     }
 
@@ -588,6 +644,20 @@ impl InstanceStore for Store {
         match self {
             Self::Memory(m) => InstanceStore::next_reap(m.as_ref(), now),
             Self::Redis(r) => InstanceStore::next_reap(r, now),
+        }
+    }
+
+    async fn version(&self, name: &str) -> Result<u64, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.version(name)),
+            Self::Redis(r) => r.version(name).await,
+        }
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        match self {
+            Self::Memory(m) => InstanceStore::subscribe(m.as_ref()),
+            Self::Redis(r) => r.subscribe(),
         }
     }
 }

@@ -2,13 +2,22 @@
 //! then stale for a while (served while one background refresh runs), then expired
 //! (fetched before answering). The last non-empty list outlives registry outages and
 //! empty answers, so callers keep trying known instances and fail over themselves.
+//!
+//! A [`Discovery::watching`] cache also keeps one long poll per resolved name on the
+//! registry (`GET /services/{name}/watch`): each answer replaces the entry at once, so
+//! a new or removed instance is seen without waiting for the entry to go stale, and
+//! while the watch holds, the entry counts as fresh (no polling). When the watch
+//! fails, the entry falls back to the fresh/stale/expired rules above (retrying the
+//! watch with a backoff); a registry without the endpoint (404/405) is not watched.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{ClientError, RegistryClient};
 use crate::wire::Instance;
@@ -69,13 +78,33 @@ struct Entry {
     instances: Arc<[Instance]>,
     fetched_at: Instant,
     refreshing: bool,
+    /// A watch answered last and has not failed since: the entry is current.
+    watched: bool,
 }
+
+/// How long one watch waits on the registry before it asks again.
+const WATCH_WAIT: Duration = Duration::from_secs(30);
+/// Pause after the first failed watch, doubling up to [`WATCH_RETRY_MAX`].
+const WATCH_RETRY: Duration = Duration::from_millis(200);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Shared {
     client: RegistryClient,
     policy: CachePolicy,
     cache: Mutex<HashMap<String, Entry>>,
+    /// Whether resolved names are watched.
+    watch: bool,
+    /// Names with a running watch.
+    watched: Mutex<HashSet<String>>,
+    /// Stops the watches when the last clone of the [`Discovery`] goes.
+    stop: CancellationToken,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl Shared {
@@ -111,10 +140,26 @@ impl Shared {
                         instances: Arc::clone(&instances),
                         fetched_at: now,
                         refreshing: false,
+                        watched: false,
                     },
                 );
                 instances
             }
+        }
+    }
+
+    /// Records a watch answer: like [`Shared::store`], and the entry is current until
+    /// the watch fails.
+    fn store_watched(&self, name: &str, fetched: Vec<Instance>, now: Instant) {
+        self.store(name, fetched, now);
+        if let Some(entry) = self.cache().get_mut(name) {
+            entry.watched = true;
+        }
+    }
+
+    fn watch_failed(&self, name: &str) {
+        if let Some(entry) = self.cache().get_mut(name) {
+            entry.watched = false;
         }
     }
 
@@ -141,11 +186,24 @@ enum Cached {
 impl Discovery {
     /// Discovery through `client` with `policy`.
     pub fn new(client: RegistryClient, policy: CachePolicy) -> Self {
+        Self::build(client, policy, false)
+    }
+
+    /// Discovery through `client` with `policy` that also watches every name it
+    /// resolves (see the module docs).
+    pub fn watching(client: RegistryClient, policy: CachePolicy) -> Self {
+        Self::build(client, policy, true)
+    }
+
+    fn build(client: RegistryClient, policy: CachePolicy, watch: bool) -> Self {
         Self {
             shared: Arc::new(Shared {
                 client,
                 policy,
                 cache: Mutex::new(HashMap::new()),
+                watch,
+                watched: Mutex::new(HashSet::new()),
+                stop: CancellationToken::new(),
             }),
         }
     }
@@ -164,6 +222,9 @@ impl Discovery {
     /// nothing was ever fetched and the registry is unreachable, or the service has
     /// no instance at all (DiscoveryError::NoInstances).
     pub async fn resolve(&self, name: &str) -> Result<Arc<[Instance]>, DiscoveryError> {
+        if self.shared.watch {
+            self.ensure_watch(name);
+        }
         let now = Instant::now();
         match self.lookup(name, now) {
             Cached::Serve(instances) => non_empty(name, instances),
@@ -204,7 +265,7 @@ impl Discovery {
             return Cached::Fetch;
         };
         let age = now.saturating_duration_since(entry.fetched_at);
-        if age <= policy.fresh_for {
+        if entry.watched || age <= policy.fresh_for {
             Cached::Serve(Arc::clone(&entry.instances))
         } else if age <= policy.fresh_for + policy.stale_for {
             if entry.refreshing {
@@ -215,6 +276,27 @@ impl Discovery {
             }
         } else {
             Cached::Fetch
+        }
+    }
+
+    /// Starts the watch of `name` unless one runs.
+    fn ensure_watch(&self, name: &str) {
+        let started = {
+            let mut watched = self
+                .shared
+                .watched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Checked first: resolve is on the request path, and this allocates.
+            !watched.contains(name) && watched.insert(name.to_owned())
+        };
+        if started {
+            tokio::spawn(watch_loop(
+                Arc::downgrade(&self.shared),
+                self.shared.client.clone(),
+                name.to_owned(),
+                self.shared.stop.clone(),
+            ));
         }
     }
 
@@ -246,7 +328,7 @@ impl Discovery {
                 let left = policy.fresh_for.saturating_sub(age);
                 let ttl = left.as_secs() + u64::from(left.subsec_nanos() > 0);
                 let info = CacheInfo {
-                    cached: age <= policy.fresh_for + policy.stale_for,
+                    cached: entry.watched || age <= policy.fresh_for + policy.stale_for,
                     ttl,
                     services: entry.instances.len(),
                 };
@@ -260,6 +342,59 @@ impl Discovery {
     /// heartbeats included; `false` before the first call.
     pub fn connected(&self) -> bool {
         self.shared.client.connected()
+    }
+}
+
+/// Long-polls `name` until `stop` fires or the cache is gone, storing each answer.
+/// Holds the cache only between polls, so dropping the [`Discovery`] ends it.
+async fn watch_loop(
+    shared: Weak<Shared>,
+    client: RegistryClient,
+    name: String,
+    stop: CancellationToken,
+) {
+    let mut index = None;
+    let mut pause = WATCH_RETRY;
+    loop {
+        let answer = tokio::select! {
+            () = stop.cancelled() => return,
+            answer = client.watch(&name, index, WATCH_WAIT) => answer,
+        };
+        let Some(cache) = shared.upgrade() else {
+            return;
+        };
+        match answer {
+            Ok(watched) => {
+                if index != Some(watched.index) {
+                    tracing::debug!(service = %name, index = watched.index, "registry reported a change");
+                }
+                cache.store_watched(&name, watched.instances, Instant::now());
+                index = Some(watched.index);
+                pause = WATCH_RETRY;
+                continue;
+            }
+            Err(error)
+                if matches!(
+                    error.status(),
+                    Some(StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED)
+                ) =>
+            {
+                tracing::debug!(service = %name, %error, "registry cannot be watched; polling instead");
+                cache.watch_failed(&name);
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(service = %name, %error, retry_in = ?pause, "registry watch failed");
+                cache.watch_failed(&name);
+                index = None;
+            }
+        }
+        drop(cache);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(WATCH_RETRY_MAX);
     }
 }
 

@@ -535,3 +535,109 @@ async fn the_observed_app_answers_metrics_and_request_ids() {
         "{page}"
     );
 }
+
+/// A watch call: status, body and the `X-Registry-Index` it answered with.
+async fn watch(state: &RegistryState, uri: &str) -> (StatusCode, Value, Option<u64>) {
+    let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+    let res = router(state).oneshot(req).await.unwrap();
+    let status = res.status();
+    let index = res
+        .headers()
+        .get("x-registry-index")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap(), index)
+}
+
+fn count(list: &Value) -> usize {
+    list["services"].as_array().unwrap().len()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_wakes_on_registration_and_on_expiry() {
+    let state = RegistryState::new();
+    let stop = CancellationToken::new();
+    let reaper = tokio::spawn(reap(state.clone(), stop.clone()));
+
+    // No index: at once, with the version (nothing happened yet).
+    let (status, list, index) = watch(&state, "/services/svc/watch").await;
+    assert_eq!((status, count(&list), index), (StatusCode::OK, 0, Some(0)));
+
+    let started = Instant::now();
+    let waiting = tokio::spawn({
+        let state = state.clone();
+        async move { watch(&state, "/services/svc/watch?index=0&timeout=60s").await }
+    });
+    tokio::time::sleep(ms(10_000)).await;
+    assert!(!waiting.is_finished(), "nothing changed: still waiting");
+    post(
+        &state,
+        "/register",
+        json!({"name": "svc", "port": 1, "heartbeatInterval": 2}),
+    )
+    .await;
+    let (status, list, index) = waiting.await.unwrap();
+    assert_eq!((status, count(&list), index), (StatusCode::OK, 1, Some(1)));
+    assert_eq!(started.elapsed(), ms(10_000), "woken by the registration");
+
+    // A renewal is no change; the expiry is.
+    let registered = Instant::now();
+    let waiting = tokio::spawn({
+        let state = state.clone();
+        async move { watch(&state, "/services/svc/watch?index=1&timeout=60").await }
+    });
+    tokio::time::sleep(ms(1000)).await;
+    post(&state, "/heartbeat", json!({"name": "svc", "port": 1})).await;
+    let (status, list, index) = waiting.await.unwrap();
+    assert_eq!((status, count(&list), index), (StatusCode::OK, 0, Some(2)));
+    let woken = registered.elapsed();
+    assert!(
+        woken > ms(4000) && woken < ms(4100),
+        "woken at the expiry (1 s + 3 s after the renewal), not the timeout: {woken:?}"
+    );
+
+    // Another service's change does not answer this watch.
+    let other = tokio::spawn({
+        let state = state.clone();
+        async move { watch(&state, "/services/svc/watch?index=2&timeout=5s").await }
+    });
+    post(&state, "/register", json!({"name": "other", "port": 2})).await;
+    let before = Instant::now();
+    let (status, list, index) = other.await.unwrap();
+    assert_eq!((status, count(&list), index), (StatusCode::OK, 0, Some(2)));
+    assert!(before.elapsed() >= ms(4900), "answered at its timeout");
+
+    stop.cancel();
+    reaper.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_watch_answers_at_once_for_a_stale_index_and_checks_its_query() {
+    let state = RegistryState::new();
+    post(&state, "/register", json!({"name": "svc", "port": 1})).await;
+    post(&state, "/register", json!({"name": "svc", "port": 2})).await;
+    let (status, list, index) = watch(&state, "/services/svc/watch?index=1&timeout=60s").await;
+    assert_eq!((status, count(&list), index), (StatusCode::OK, 2, Some(2)));
+    let (status, _) = send(&state, "DELETE", "/services/svc/1", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, list, index) = watch(&state, "/services/svc/watch?index=2").await;
+    assert_eq!((count(&list), index), (1, Some(3)));
+
+    for (query, error) in [
+        ("index=x", "Invalid index"),
+        ("index=-1", "Invalid index"),
+        ("timeout=61s", "Invalid timeout"),
+        ("timeout=soon", "Invalid timeout"),
+    ] {
+        let (status, body) = get(&state, &format!("/services/svc/watch?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(
+            body["error"].as_str().unwrap().starts_with(error),
+            "{query}: {body}"
+        );
+    }
+    // The contract's routes beside it are unchanged.
+    assert_eq!(count(&get(&state, "/services/svc").await.1), 1);
+}

@@ -10,6 +10,12 @@
 //! - `{P}:service:<name>`: the set of ids registered under a name;
 //! - `{P}:services`: the set of names.
 //!
+//! - `{P}:version:<name>`: the version of a service's instances, `INCR`ed by the script
+//!   that registers, removes or sweeps one of them (not by a renewal), which also
+//!   `PUBLISH`es the name on `{P}:changes`; `{P}:versioned` is the set of such names.
+//!   Every replica subscribes to that channel ([`RedisStore::listen`]) so its watchers
+//!   hear of changes made through the others.
+//!
 //! Every operation is one Lua script, so a write either happens whole or not at all and
 //! a read never sees half of one. Reads check each lease, so an expired instance is never
 //! returned even before [`RedisStore::reap_expired`] has cleaned the indexes.
@@ -19,9 +25,12 @@ use std::fmt;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, Script};
+use ::redis::{AsyncCommands, Client, Script};
 use serde_json::{Map, Value};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
+use super::changes::{self, Changes};
 use super::{DEFAULT_HEARTBEAT_INTERVAL, HEALTHY, Recorded, Registration, RemoveError, StoreError};
 use crate::wire::Instance;
 
@@ -32,6 +41,15 @@ const HASH_GRACE_MS: u64 = 60_000;
 /// Field order shared by every script's HMGET and [`parse_instance`].
 const FIELDS: &str = "'id', 'name', 'host', 'port', 'heartbeatInterval', 'registeredAt', \
                       'lastHeartbeat', 'metadata'";
+
+/// Prepended to every script: records a change of a service's instances.
+const CHANGED: &str = r"
+local function changed(base, name)
+  redis.call('INCR', base .. ':version:' .. name)
+  redis.call('SADD', base .. ':versioned', name)
+  redis.call('PUBLISH', base .. ':changes', name)
+end
+";
 
 const WRITE: &str = r"
 local base, mode, id, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -58,6 +76,7 @@ redis.call('SET', lease, '1', 'PX', life)
 redis.call('PEXPIRE', inst, life + tonumber(ARGV[11]))
 redis.call('SADD', base .. ':service:' .. name, id)
 redis.call('SADD', base .. ':services', name)
+if renewed == 0 then changed(base, name) end
 return {renewed, redis.call('HMGET', inst, FIELDS)}
 ";
 
@@ -102,6 +121,7 @@ end
 if redis.call('SCARD', set) == 0 then redis.call('SREM', base .. ':services', name) end
 if live == 0 then return {1, {}} end
 if #removed == 0 then return {2, {}} end
+changed(base, name)
 return {0, removed}
 ";
 
@@ -120,6 +140,7 @@ for _, name in ipairs(redis.call('SMEMBERS', base .. ':services')) do
       if f[1] then table.insert(out, f) end
       redis.call('DEL', inst)
       redis.call('SREM', set, id)
+      changed(base, name)
     end
   end
   if redis.call('SCARD', set) == 0 then redis.call('SREM', base .. ':services', name) end
@@ -138,11 +159,14 @@ for _, name in ipairs(redis.call('SMEMBERS', base .. ':services')) do
   end
   n = n + redis.call('DEL', set)
 end
-return n + redis.call('DEL', base .. ':services')
+for _, name in ipairs(redis.call('SMEMBERS', base .. ':versioned')) do
+  n = n + redis.call('DEL', base .. ':version:' .. name)
+end
+return n + redis.call('DEL', base .. ':services', base .. ':versioned')
 ";
 
 fn script(body: &str) -> Script {
-    Script::new(&body.replace("FIELDS", FIELDS))
+    Script::new(&format!("{CHANGED}{}", body.replace("FIELDS", FIELDS)))
 }
 
 #[derive(Debug)]
@@ -158,9 +182,11 @@ struct Scripts {
 /// clones share one multiplexed, self-reconnecting connection.
 #[derive(Clone)]
 pub struct RedisStore {
+    client: Client,
     conn: ConnectionManager,
     base: String,
     scripts: std::sync::Arc<Scripts>,
+    changes: std::sync::Arc<Changes>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -183,8 +209,10 @@ impl RedisStore {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         Ok(Self {
+            client,
+            changes: std::sync::Arc::new(Changes::new()),
             conn,
             base: format!("{{{prefix}}}"),
             scripts: std::sync::Arc::new(Scripts {
@@ -228,6 +256,10 @@ impl RedisStore {
             .arg(HASH_GRACE_MS)
             .invoke_async(&mut self.conn.clone())
             .await?;
+        if renewed == 0 {
+            // This replica's watchers need not wait for the published message.
+            self.changes.notify();
+        }
         Ok(Recorded {
             instance: parse_instance(row)?,
             renewed: renewed == 1,
@@ -265,11 +297,13 @@ impl RedisStore {
             .await
             .map_err(|e| RemoveError::Store(e.into()))?;
         match code {
-            0 => rows
-                .into_iter()
-                .map(parse_instance)
-                .collect::<Result<_, _>>()
-                .map_err(RemoveError::Store),
+            0 => {
+                self.changes.notify();
+                rows.into_iter()
+                    .map(parse_instance)
+                    .collect::<Result<_, _>>()
+                    .map_err(RemoveError::Store)
+            }
             1 => Err(RemoveError::ServiceNotFound),
             _ => Err(RemoveError::InstanceNotFound),
         }
@@ -310,7 +344,37 @@ impl RedisStore {
     /// Drops expired instances from the indexes and returns them (each one to exactly
     /// one caller, however many replicas sweep).
     pub async fn reap_expired(&self) -> Result<Vec<Instance>, StoreError> {
-        self.rows(&self.scripts.sweep, "").await
+        let expired = self.rows(&self.scripts.sweep, "").await?;
+        if !expired.is_empty() {
+            self.changes.notify();
+        }
+        Ok(expired)
+    }
+
+    /// The version of `name`'s instances (0 if they never changed).
+    pub async fn version(&self, name: &str) -> Result<u64, StoreError> {
+        let key = format!("{}:version:{name}", self.base);
+        let version: Option<u64> = self.conn.clone().get(key).await?;
+        Ok(version.unwrap_or(0))
+    }
+
+    /// A receiver woken whenever a change may have happened, here or through another
+    /// replica (while [`RedisStore::listen`] runs).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Wakes this process's watchers on every change published by any replica, until
+    /// `shutdown` fires.
+    pub async fn listen(&self, shutdown: CancellationToken) {
+        let channel = format!("{}:changes", self.base);
+        changes::listen(
+            self.client.clone(),
+            channel,
+            std::sync::Arc::clone(&self.changes),
+            shutdown,
+        )
+        .await;
     }
 
     /// Deletes every key of this table; returns how many keys went.
