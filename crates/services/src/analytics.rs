@@ -12,7 +12,9 @@
 //!   ([`AnalyticsSettings::redis_url`]) with the local limit standing in while Redis
 //!   is away.
 //! - `POST /events`: the consumer of `order.created` (see [`crate::outbox`]), each event
-//!   applied once, as a metric of type [`ORDERS_CREATED`].
+//!   applied once, as a metric of type [`ORDERS_CREATED`]; with Redis, the same path
+//!   applies the entries of the `order.created` stream ([`Configured::events`] is the
+//!   [`crate::outbox::stream::EventHandler`] a stream consumer uses).
 //! - [`AnalyticsSettings`]: the seed's environment variables, with flag overrides.
 
 pub mod cache;
@@ -39,6 +41,7 @@ use breakwater_resilience::rate_limit::WindowRateLimiter;
 use breakwater_resilience::redis_limit::{DistributedLimit, RedisRateLimiter};
 use breakwater_runtime::clock::iso8601_now;
 use breakwater_runtime::http::{ApiError, Json, method_not_allowed, not_found};
+use breakwater_runtime::observe::Caller;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -50,6 +53,7 @@ pub use metric::{NewMetric, Summary};
 pub use shared_cache::RedisSummaryCache;
 pub use store::{Applied, MetricStore, Metrics, PgMetrics, SqliteMetrics};
 
+use crate::outbox::stream::EventHandler;
 use crate::settings::{InvalidSetting, check_base_url, check_duration, env_number, env_value};
 use crate::upstream::{HttpUpstream, Upstream};
 use limiter::ClientLimiter;
@@ -345,6 +349,15 @@ where
     C: SummaryCache + 'static,
     U: Upstream + 'static,
 {
+    shared_app(Arc::new(state))
+}
+
+fn shared_app<S, C, U>(state: Arc<AnalyticsState<S, C, U>>) -> Router
+where
+    S: MetricStore + 'static,
+    C: SummaryCache + 'static,
+    U: Upstream + 'static,
+{
     Router::new()
         .route("/health", get(health::<S, C, U>))
         .route("/api/metrics", post(ingest::<S, C, U>))
@@ -354,7 +367,7 @@ where
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CorsLayer::permissive())
-        .with_state(Arc::new(state))
+        .with_state(state)
 }
 
 /// [`app`] over `store` and `upstream` with everything else as `settings` say: the
@@ -371,17 +384,62 @@ where
     S: MetricStore + 'static,
     U: Upstream + 'static,
 {
-    Ok(match settings.redis_cache()? {
-        Some(cache) => {
-            let state = AnalyticsState::new(store, cache, upstream, instance, port, settings)?;
-            let transitions = state.breaker_transitions();
-            (app(state), transitions)
+    let built = configured(store, upstream, instance, port, settings)?;
+    Ok((built.router, built.transitions))
+}
+
+/// What [`configured`] builds.
+pub struct Configured {
+    /// The routes ([`app`]).
+    pub router: Router,
+    /// The breaker's transitions, for logging.
+    pub transitions: broadcast::Receiver<Transition>,
+    /// The state behind `router` as an event handler: what `POST /events` applies
+    /// through, for a stream consumer to apply through too.
+    pub events: Arc<dyn EventHandler>,
+}
+
+impl std::fmt::Debug for Configured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Configured").finish_non_exhaustive()
+    }
+}
+
+/// [`configured_app`], also handing out the state as an [`EventHandler`].
+pub fn configured<S, U>(
+    store: S,
+    upstream: U,
+    instance: &str,
+    port: u16,
+    settings: &AnalyticsSettings,
+) -> Result<Configured, InvalidSetting>
+where
+    S: MetricStore + 'static,
+    U: Upstream + 'static,
+{
+    fn finish<S, C, U>(state: AnalyticsState<S, C, U>) -> Configured
+    where
+        S: MetricStore + 'static,
+        C: SummaryCache + 'static,
+        U: Upstream + 'static,
+    {
+        let transitions = state.breaker_transitions();
+        let state = Arc::new(state);
+        Configured {
+            router: shared_app(Arc::clone(&state)),
+            transitions,
+            events: state,
         }
+    }
+    Ok(match settings.redis_cache()? {
+        Some(cache) => finish(AnalyticsState::new(
+            store, cache, upstream, instance, port, settings,
+        )?),
         None => {
             let cache = settings.memory_cache();
-            let state = AnalyticsState::new(store, cache, upstream, instance, port, settings)?;
-            let transitions = state.breaker_transitions();
-            (app(state), transitions)
+            finish(AnalyticsState::new(
+                store, cache, upstream, instance, port, settings,
+            )?)
         }
     })
 }
@@ -512,7 +570,10 @@ async fn summary<S: MetricStore, C: SummaryCache, U>(
     Ok(res)
 }
 
-async fn external_data<S, C, U: Upstream>(State(state): Shared<S, C, U>) -> Response {
+async fn external_data<S, C, U: Upstream>(
+    State(state): Shared<S, C, U>,
+    caller: Caller,
+) -> Response {
     let permit = match state.breaker.try_acquire(Instant::now()) {
         Ok(permit) => permit,
         Err(rejected) => {
@@ -526,17 +587,18 @@ async fn external_data<S, C, U: Upstream>(State(state): Shared<S, C, U>) -> Resp
         }
     };
     let started = Instant::now();
-    let outcome = match tokio::time::timeout(state.external_timeout, state.upstream.fetch()).await {
-        Ok(Ok(_)) => Outcome::Success,
-        Ok(Err(err)) => {
-            tracing::warn!(error = %err, "external dependency failed");
-            Outcome::Failure
-        }
-        Err(_) => {
-            tracing::warn!(timeout = ?state.external_timeout, "external dependency timed out");
-            Outcome::Failure
-        }
-    };
+    let outcome =
+        match tokio::time::timeout(state.external_timeout, state.upstream.fetch(&caller)).await {
+            Ok(Ok(_)) => Outcome::Success,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "external dependency failed");
+                Outcome::Failure
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?state.external_timeout, "external dependency timed out");
+                Outcome::Failure
+            }
+        };
     let now = Instant::now();
     state
         .breaker

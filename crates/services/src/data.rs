@@ -3,8 +3,8 @@
 //! result under a fresh id in a sharded store, and reports its own figures.
 //!
 //! The store is [`SqliteShards`] (embedded default) or, when
-//! [`DataSettings::redis_urls`] is set, [`RedisShards`]; both place a record by
-//! [`RecordId::shard`].
+//! [`DataSettings::redis_urls`] or [`DataSettings::redis_cluster`] is set,
+//! [`RedisShards`]; all place a record by [`RecordId::shard`].
 
 mod fetch;
 mod metrics;
@@ -25,7 +25,7 @@ use axum::routing::get;
 use breakwater_resilience::retry::{Backoff, RetryPolicy};
 use breakwater_runtime::clock::iso8601_now;
 use breakwater_runtime::http::{ApiError, Json, Path, method_not_allowed, not_found};
-use breakwater_runtime::observe::HttpMetrics;
+use breakwater_runtime::observe::{Caller, HttpMetrics};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use tower_http::cors::CorsLayer;
@@ -53,8 +53,12 @@ pub struct DataSettings {
     pub shards: u32,
     /// Redis instead of the shard files ([`RedisShards`]): one URL holds `shards`
     /// logical shards; 2..=[`MAX_SHARDS`] URLs are one shard each (then `shards` is not
-    /// used). Redis Cluster URLs are not supported. Default: none (SQLite).
+    /// used). Default: none (SQLite).
     pub redis_urls: Vec<String>,
+    /// Redis Cluster instead ([`RedisShards::open_cluster`]): URLs of some of its nodes
+    /// (one is enough), holding `shards` logical shards, each in one slot. Not with
+    /// `redis_urls`. Default: none.
+    pub redis_cluster: Vec<String>,
     /// Start of every data key in Redis. Default [`DEFAULT_REDIS_PREFIX`].
     pub redis_prefix: String,
     /// A fixed base URL of the dependency (e.g. `http://127.0.0.1:9000`) instead of
@@ -75,6 +79,7 @@ impl Default for DataSettings {
         Self {
             shards: 4,
             redis_urls: Vec::new(),
+            redis_cluster: Vec::new(),
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             external: None,
             try_timeout: Duration::from_secs(2),
@@ -107,6 +112,16 @@ impl DataSettings {
         for url in &self.redis_urls {
             redis::Client::open(url.as_str())
                 .map_err(|e| InvalidSetting::new("redis_urls", format!("{url:?}: {e}")))?;
+        }
+        if !self.redis_cluster.is_empty() {
+            if !self.redis_urls.is_empty() {
+                return Err(InvalidSetting::new(
+                    "redis_cluster",
+                    "give either Redis URLs or a Redis Cluster, not both",
+                ));
+            }
+            redis::cluster::ClusterClient::new(self.redis_cluster.iter().map(String::as_str))
+                .map_err(|e| InvalidSetting::new("redis_cluster", e.to_string()))?;
         }
         if self.redis_prefix.is_empty() {
             return Err(InvalidSetting::new("redis_prefix", "must not be empty"));
@@ -231,8 +246,9 @@ async fn health<S: DataStore, U: Upstream>(State(state): Shared<S, U>) -> Json<V
 
 async fn fetch_and_store<S: DataStore, U: Upstream>(
     State(state): Shared<S, U>,
+    caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    let fetched = fetch(&state.upstream, state.policy, &state.metrics).await;
+    let fetched = fetch(&state.upstream, state.policy, &state.metrics, &caller).await;
     let (data, source) = match fetched.data {
         Some(data) => (data, "upstream"),
         None => {
@@ -500,6 +516,49 @@ mod tests {
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 4);
         assert!(elapsed >= Duration::from_millis(600), "{elapsed:?}");
         assert!(elapsed < Duration::from_millis(1_500), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn the_dependency_sees_the_incoming_trace_with_a_new_span_per_try() {
+        use crate::upstream::test_support::recording_dependency;
+        use breakwater_runtime::observe::{self, TraceContext};
+
+        let (url, seen) = recording_dependency(vec![StatusCode::SERVICE_UNAVAILABLE]).await;
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let upstream = HttpUpstream::new(UpstreamTarget::Url(url), http);
+        let w = world("traced", upstream, &quick()).await;
+        let app = w.app.clone().layer(observe::layer(
+            SERVICE_NAME,
+            "data-service-7000".into(),
+            Arc::new(HttpMetrics::new()),
+        ));
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let res = tower::ServiceExt::oneshot(
+            app,
+            axum::http::Request::get("/data")
+                .header("traceparent", parent)
+                .header("x-request-id", "req-data-1")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+
+        let parent = TraceContext::parse(parent).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "one failed try, one retry: {seen:?}");
+        let spans: Vec<u64> = seen
+            .iter()
+            .map(|(trace, request_id)| {
+                let trace = trace.expect("every try carries a traceparent");
+                assert_eq!(trace.trace_id, parent.trace_id);
+                assert_eq!(request_id.as_deref(), Some("req-data-1"));
+                trace.span_id
+            })
+            .collect();
+        assert!(!spans.contains(&parent.span_id), "{spans:?}");
+        assert_ne!(spans[0], spans[1], "each try is its own span");
     }
 
     #[test]

@@ -329,7 +329,10 @@ impl ScriptedUpstream {
 }
 
 impl crate::upstream::Upstream for ScriptedUpstream {
-    async fn fetch(&self) -> Result<Value, crate::upstream::UpstreamError> {
+    async fn fetch(
+        &self,
+        _caller: &breakwater_runtime::observe::Caller,
+    ) -> Result<Value, crate::upstream::UpstreamError> {
         let step = {
             let mut script = self.0.lock().unwrap();
             script.calls.push(tokio::time::Instant::now());

@@ -42,7 +42,7 @@ mod user_lookup;
 pub mod users;
 
 pub use service::{
-    DATA_SHARD_DIR, DATABASE_FILE, ServiceConfig, ServiceError, ServiceKind, ServiceOptions,
-    UnknownServiceKind, run,
+    DATA_SHARD_DIR, DATABASE_FILE, EventSettings, ServiceConfig, ServiceError, ServiceKind,
+    ServiceOptions, UnknownServiceKind, run,
 };
 pub use settings::InvalidSetting;

@@ -7,6 +7,11 @@
 //!   so the change and its event commit or fail together.
 //! - [`relay`]: the background task that claims rows under a lease, hands them to a
 //!   [`relay::Transport`] and marks them delivered on success.
+//! - [`stream`]: [`stream::StreamTransport`], delivery by `XADD` to a Redis stream per
+//!   topic, for consumers reading with a consumer group.
+//! - Trace context: [`with_traceparent`] (or the [`trace_scope`] middleware) makes the
+//!   W3C `traceparent` of the request that causes a change travel with its event, in
+//!   the row's `traceparent` column, so the consumer continues that trace.
 //!
 //! Retention: a row that was delivered, or whose topic has no subscriber in
 //! [`relay::Routes`] (today `user.created`), is deleted once it is older than
@@ -15,9 +20,14 @@
 //! comes back.
 
 pub mod relay;
+pub mod stream;
 
 use std::future::Future;
 
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use breakwater_runtime::observe::TraceContext;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
@@ -48,6 +58,39 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (available_at) WHERE delivered_at IS NULL;
 "#;
+
+/// Migration step giving each outbox row the `traceparent` of the request that caused
+/// it. Rows written before (and changes made outside any request) have none.
+pub(crate) const TRACE_STEP: &str = "ALTER TABLE outbox ADD COLUMN traceparent TEXT NULL;";
+
+tokio::task_local! {
+    /// The `traceparent` events appended in this task carry. A task-local rather than a
+    /// parameter: the storage traits announce changes, and which request caused one is
+    /// the caller's context, not part of the change.
+    static TRACEPARENT: Option<String>;
+}
+
+/// Runs `work` so that every event it appends carries `traceparent` (a W3C value
+/// naming the span of the causing request as the event's parent).
+pub async fn with_traceparent<F: Future>(traceparent: Option<String>, work: F) -> F::Output {
+    TRACEPARENT.scope(traceparent, work).await
+}
+
+/// The `traceparent` events appended now carry, if any.
+pub(crate) fn current_traceparent() -> Option<String> {
+    TRACEPARENT.try_with(Clone::clone).ok().flatten()
+}
+
+/// Middleware (inside [`breakwater_runtime::observe::layer`], which puts this hop's
+/// [`TraceContext`] into the request) that runs the request under
+/// [`with_traceparent`] with this hop's span as the events' parent.
+pub async fn trace_scope(req: Request, next: Next) -> Response {
+    let traceparent = req
+        .extensions()
+        .get::<TraceContext>()
+        .map(TraceContext::header_value);
+    with_traceparent(traceparent, next.run(req)).await
+}
 
 /// An event as it travels: `{id, type, occurredAt, data}`. Consumers deduplicate by `id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,14 +151,15 @@ pub(crate) async fn append(
     })?;
     let now = millis(now_millis());
     sqlx::query(
-        "INSERT INTO outbox (id, topic, payload, created_at, attempts, available_at) \
-         VALUES (?, ?, ?, ?, 0, ?)",
+        "INSERT INTO outbox (id, topic, payload, created_at, attempts, available_at, traceparent) \
+         VALUES (?, ?, ?, ?, 0, ?, ?)",
     )
     .bind(&event.id)
     .bind(&event.kind)
     .bind(payload)
     .bind(now)
     .bind(now)
+    .bind(current_traceparent())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -139,6 +183,8 @@ pub struct Claimed {
     pub attempts: u32,
     /// The claim holding the row; only it may put the row back.
     pub claim: String,
+    /// The W3C `traceparent` of the request that caused the event, if it had one.
+    pub traceparent: Option<String>,
 }
 
 /// A row as stored, for inspection.
@@ -156,6 +202,8 @@ pub struct OutboxRecord {
     pub delivered_at: Option<i64>,
     /// Delivery attempts so far.
     pub attempts: u32,
+    /// The `traceparent` of the request that caused the event, if any.
+    pub traceparent: Option<String>,
 }
 
 /// The outbox as the relay sees it. Times are milliseconds since the epoch, passed in
@@ -210,7 +258,7 @@ impl SqliteOutbox {
     /// The row of event `id`, `None` if there is none.
     pub async fn record(&self, id: &str) -> Result<Option<OutboxRecord>, StorageError> {
         let row = sqlx::query(
-            "SELECT id, topic, payload, created_at, delivered_at, attempts FROM outbox WHERE id = ?",
+            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent FROM outbox WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -221,7 +269,7 @@ impl SqliteOutbox {
     /// Every row, oldest first.
     pub async fn records(&self) -> Result<Vec<OutboxRecord>, StorageError> {
         let rows = sqlx::query(
-            "SELECT id, topic, payload, created_at, delivered_at, attempts FROM outbox \
+            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent FROM outbox \
              ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
@@ -292,6 +340,7 @@ fn record_from_row(row: &SqliteRow) -> Result<OutboxRecord, StorageError> {
         payload: row.try_get("payload")?,
         created_at: row.try_get("created_at")?,
         delivered_at: row.try_get("delivered_at")?,
+        traceparent: row.try_get("traceparent")?,
         id,
     })
 }
@@ -320,7 +369,7 @@ impl OutboxStore for SqliteOutbox {
                  WHERE delivered_at IS NULL AND available_at <= ?2 \
                    AND topic IN (SELECT value FROM json_each(?4)) \
                  ORDER BY created_at, id LIMIT ?5) \
-             RETURNING id, topic, payload, attempts, created_at",
+             RETURNING id, topic, payload, attempts, created_at, traceparent",
         )
         .bind(&claim)
         .bind(now)
@@ -340,6 +389,7 @@ impl OutboxStore for SqliteOutbox {
                     topic: row.try_get("topic")?,
                     payload: row.try_get("payload")?,
                     claim: claim.clone(),
+                    traceparent: row.try_get("traceparent")?,
                     id,
                 };
                 Ok((created_at, claimed))

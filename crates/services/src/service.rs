@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::header::CONTENT_TYPE;
 use breakwater_registry::client::{CachePolicy, Discovery, RegistryClient, spawn_registration};
 use breakwater_registry::wire::RegisterRequest;
 use breakwater_resilience::breaker::Transition;
@@ -22,6 +23,9 @@ use crate::analytics::{self, AnalyticsSettings, Metrics};
 use crate::data::{self, DataSettings, DataState, SqliteShards};
 use crate::orders::{self, OrdersState};
 use crate::outbox::relay::{HttpTransport, Relay, RelaySettings, Routes};
+use crate::outbox::stream::{
+    self, ConsumerSettings, ConsumerStats, StreamConsumer, StreamTransport,
+};
 use crate::settings::InvalidSetting;
 use crate::storage::{SharedStore, StorageError, check_database_url};
 use crate::unstable::{self, UnstableSettings, UnstableState};
@@ -120,6 +124,10 @@ pub struct ServiceOptions {
     pub unstable: UnstableSettings,
     /// The outbox relay of [`ServiceKind::Users`] and [`ServiceKind::Orders`].
     pub outbox: RelaySettings,
+    /// Events over Redis Streams: users and orders publish there instead of over HTTP;
+    /// analytics consumes there (besides `POST /events`), also when only its own
+    /// [`AnalyticsSettings::redis_url`] is set.
+    pub events: EventSettings,
     /// `DATABASE_URL`: users, orders and their outbox, and analytics' metrics, on this
     /// PostgreSQL database instead of the SQLite files in the data directory.
     pub database_url: Option<String>,
@@ -133,17 +141,52 @@ impl ServiceOptions {
                 if let Some(url) = &self.database_url {
                     check_database_url(url)?;
                 }
+                self.events.validate()?;
                 self.outbox.validate()
             }
             ServiceKind::Analytics => {
                 if let Some(url) = &self.database_url {
                     check_database_url(url)?;
                 }
+                self.events.validate()?;
                 self.analytics.validate()
             }
             ServiceKind::Data => self.data.validate(),
             ServiceKind::Unstable => self.unstable.validate(),
         }
+    }
+}
+
+/// Where events travel when Redis is configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSettings {
+    /// The Redis holding the event streams; `None`: HTTP delivery through discovery.
+    pub redis_url: Option<String>,
+    /// Start of the stream keys, `<prefix>:events:<topic>`. Default
+    /// [`stream::DEFAULT_PREFIX`].
+    pub prefix: String,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            prefix: stream::DEFAULT_PREFIX.to_owned(),
+        }
+    }
+}
+
+impl EventSettings {
+    /// Checks the URL and the prefix; the error names `REDIS_URL` or `events_prefix`.
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if let Some(url) = &self.redis_url {
+            redis::Client::open(url.as_str())
+                .map_err(|e| InvalidSetting::new("REDIS_URL", format!("{url:?}: {e}")))?;
+        }
+        if self.prefix.is_empty() {
+            return Err(InvalidSetting::new("events_prefix", "must not be empty"));
+        }
+        Ok(())
     }
 }
 
@@ -215,26 +258,38 @@ pub async fn run(
     // Built before storage opens, so that no error leaves an open database behind.
     let relay_http = http_client()?;
     let metrics = Arc::new(HttpMetrics::new());
-    let (router, storage) = build(kind, &config, &instance, &registry, &metrics).await?;
-    let router = observed(kind, router, &instance, metrics);
+    let stream_transport = match &config.options.events.redis_url {
+        Some(url) if matches!(kind, ServiceKind::Users | ServiceKind::Orders) => Some(
+            StreamTransport::new(url, config.options.events.prefix.clone())
+                .map_err(|e| InvalidSetting::new("REDIS_URL", format!("{url:?}: {e}")))?,
+        ),
+        _ => None,
+    };
+    let (router, storage, events) = build(kind, &config, &instance, &registry, &metrics).await?;
+    let consumer_stats = events.as_ref().map(StreamConsumer::stats);
+    let router = observed(kind, router, &instance, metrics, consumer_stats);
     let relay_stop = shutdown.child_token();
     let relay = match &storage {
         Storage::Shared(store) => {
-            let transport = HttpTransport::new(
-                Discovery::new(registry.clone(), RELAY_DISCOVERY),
-                relay_http,
-            );
-            let relay = Relay::new(
-                store.outbox(),
-                transport,
-                Routes::SYSTEM,
-                config.options.outbox,
-                instance.clone(),
-            );
-            Some(tokio::spawn(relay.run(relay_stop.clone())))
+            let (outbox, settings) = (store.outbox(), config.options.outbox);
+            Some(match stream_transport {
+                Some(transport) => {
+                    let relay = Relay::new(outbox, transport, Routes::SYSTEM, settings, &instance);
+                    tokio::spawn(relay.run(relay_stop.clone()))
+                }
+                None => {
+                    let transport = HttpTransport::new(
+                        Discovery::watching(registry.clone(), RELAY_DISCOVERY),
+                        relay_http,
+                    );
+                    let relay = Relay::new(outbox, transport, Routes::SYSTEM, settings, &instance);
+                    tokio::spawn(relay.run(relay_stop.clone()))
+                }
+            })
         }
         _ => None,
     };
+    let consumer = events.map(|consumer| tokio::spawn(consumer.run(relay_stop.clone())));
 
     let local = listener.local_addr().ok();
     tracing::info!(service, %instance, port, ?local, registry = %config.registry_url, "service starting");
@@ -254,11 +309,17 @@ pub async fn run(
     if let Err(error) = registration.await {
         tracing::warn!(service, %instance, %error, "registration task failed");
     }
-    // Before the storage closes: the relay writes delivery marks into it.
+    // Before the storage closes: the relay writes delivery marks into it, the
+    // consumer applies events to it.
     if let Some(relay) = relay
         && let Err(error) = relay.await
     {
         tracing::warn!(service, %instance, %error, "outbox relay failed");
+    }
+    if let Some(consumer) = consumer
+        && let Err(error) = consumer.await
+    {
+        tracing::warn!(service, %instance, %error, "event consumer failed");
     }
     storage.close().await;
     tracing::info!(service, %instance, port, "service stopped");
@@ -285,42 +346,60 @@ impl Storage {
     }
 }
 
-/// `router` with `GET /metrics` (data has its own, which shows `metrics` too) and the
-/// observability layer over every route, so each request is logged and counted once.
+/// `router` with `GET /metrics` (data has its own, which shows `metrics` too; a stream
+/// consumer's counters join the page) and the observability layer over every route, so
+/// each request is logged and counted once; events a request causes carry its trace
+/// context ([`crate::outbox::trace_scope`]).
 fn observed(
     kind: ServiceKind,
     router: Router,
     instance: &str,
     metrics: Arc<HttpMetrics>,
+    consumer: Option<Arc<ConsumerStats>>,
 ) -> Router {
-    let router = if kind == ServiceKind::Data {
-        router
-    } else {
-        router.merge(observe::metrics_router(metrics.clone()))
+    let router = match (kind, consumer) {
+        (ServiceKind::Data, _) => router,
+        (_, Some(stats)) => {
+            let metrics = metrics.clone();
+            router.route(
+                "/metrics",
+                axum::routing::get(move || async move {
+                    let page = metrics.render_with(|registry| stats.register(registry));
+                    ([(CONTENT_TYPE, observe::METRICS_CONTENT_TYPE)], page)
+                }),
+            )
+        }
+        (_, None) => router.merge(observe::metrics_router(metrics.clone())),
     };
-    router.layer(observe::layer(
-        kind.service_name(),
-        instance.to_owned(),
-        metrics,
-    ))
+    router
+        // Inside the observe layer, which gives the request its trace context.
+        .layer(axum::middleware::from_fn(crate::outbox::trace_scope))
+        .layer(observe::layer(
+            kind.service_name(),
+            instance.to_owned(),
+            metrics,
+        ))
 }
 
 /// Opens what `kind` stores into and builds its router; data's `GET /metrics` shows
-/// `metrics` beside its own figures.
+/// `metrics` beside its own figures. Analytics with Redis also gets its stream
+/// consumer, to run beside the server.
 async fn build(
     kind: ServiceKind,
     config: &ServiceConfig,
     instance: &str,
     registry: &RegistryClient,
     metrics: &Arc<HttpMetrics>,
-) -> Result<(Router, Storage), ServiceError> {
+) -> Result<(Router, Storage, Option<StreamConsumer>), ServiceError> {
     let port = config.port;
     let options = &config.options;
     if kind != ServiceKind::Unstable {
         create_dir(&config.data_dir).await?;
     }
-    let discovery = || Discovery::new(registry.clone(), CachePolicy::default());
-    Ok(match kind {
+    // Watching: a change in the registry reaches the cache at once, not after its TTL.
+    let discovery = || Discovery::watching(registry.clone(), CachePolicy::default());
+    let mut consumer = None;
+    let (router, storage) = match kind {
         ServiceKind::Users => {
             let store = SharedStore::open(
                 options.database_url.as_deref(),
@@ -360,17 +439,33 @@ async fn build(
                 &config.data_dir.join(analytics::DATABASE_FILE),
             )
             .await?;
-            let built =
-                analytics::configured_app(store.clone(), upstream, instance, port, settings);
-            let (router, transitions) = match built {
+            let built = analytics::configured(store.clone(), upstream, instance, port, settings);
+            let built = match built {
                 Ok(built) => built,
                 Err(err) => {
                     store.close().await;
                     return Err(err.into());
                 }
             };
-            tokio::spawn(log_transitions(transitions));
-            (router, Storage::Metrics(store))
+            tokio::spawn(log_transitions(built.transitions));
+            let events = &options.events;
+            if let Some(url) = events.redis_url.as_ref().or(settings.redis_url.as_ref()) {
+                let reader = ConsumerSettings::new(
+                    events.prefix.clone(),
+                    analytics::SERVICE_NAME,
+                    instance,
+                    &[crate::outbox::ORDER_CREATED],
+                );
+                match StreamConsumer::new(url, built.events, reader) {
+                    Ok(c) => consumer = Some(c),
+                    Err(e) => {
+                        store.close().await;
+                        let message = format!("{url:?}: {e}");
+                        return Err(InvalidSetting::new("REDIS_URL", message).into());
+                    }
+                }
+            }
+            (built.router, Storage::Metrics(store))
         }
         ServiceKind::Data => {
             let settings = &options.data;
@@ -378,16 +473,25 @@ async fn build(
                 target(settings.external.as_deref(), discovery),
                 http_client()?,
             );
-            if !settings.redis_urls.is_empty() {
-                let store = data::RedisShards::open(
-                    &settings.redis_urls,
-                    settings.shards,
-                    &settings.redis_prefix,
-                )
-                .await?;
+            if !settings.redis_urls.is_empty() || !settings.redis_cluster.is_empty() {
+                let store = if settings.redis_cluster.is_empty() {
+                    data::RedisShards::open(
+                        &settings.redis_urls,
+                        settings.shards,
+                        &settings.redis_prefix,
+                    )
+                    .await?
+                } else {
+                    data::RedisShards::open_cluster(
+                        &settings.redis_cluster,
+                        settings.shards,
+                        &settings.redis_prefix,
+                    )
+                    .await?
+                };
                 let state = DataState::new(store, upstream, instance, port, settings)?
                     .with_http_metrics(metrics.clone());
-                return Ok((data::app(state), Storage::Nothing));
+                return Ok((data::app(state), Storage::Nothing, None));
             }
             let dir = config.data_dir.join(DATA_SHARD_DIR);
             create_dir(&dir).await?;
@@ -405,7 +509,8 @@ async fn build(
             let state = UnstableState::new(instance, port, &options.unstable)?;
             (unstable::app(state), Storage::Nothing)
         }
-    })
+    };
+    Ok((router, storage, consumer))
 }
 
 async fn create_dir(path: &std::path::Path) -> Result<(), ServiceError> {
@@ -471,12 +576,16 @@ mod tests {
     use std::future::Future;
     use std::time::Duration;
 
+    use breakwater_runtime::observe::TraceContext;
+
     use super::*;
     use crate::fixtures::{FakeRegistry, RegistryEvent, TempDir};
     use crate::storage::SqliteStore;
     use tokio::sync::mpsc::UnboundedReceiver;
 
     const WAIT: Duration = Duration::from_secs(10);
+    const TRACE_PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const TRACE_ID: u128 = 0x4bf92f3577b34da6a3ce929d0e0e4736;
 
     async fn next_event(events: &mut UnboundedReceiver<RegistryEvent>) -> RegistryEvent {
         tokio::time::timeout(WAIT, events.recv())
@@ -643,6 +752,7 @@ mod tests {
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         let created = http
             .post(format!("http://127.0.0.1:{orders_port}/orders"))
+            .header("traceparent", TRACE_PARENT)
             .json(&serde_json::json!({"userId": 1, "products": ["Lamp", "Bulb"]}))
             .send()
             .await
@@ -664,6 +774,9 @@ mod tests {
         })
         .await;
         assert_eq!(pending.delivered_at, None);
+        // The event carries the order request's trace, as orders' span.
+        let carried = TraceContext::parse(pending.traceparent.as_deref().unwrap()).unwrap();
+        assert_eq!(carried.trace_id, TRACE_ID);
 
         // Analytics comes up; the relay finds it and delivers.
         let (analytics_port, analytics_task) = start_with(
@@ -690,10 +803,12 @@ mod tests {
             .unwrap();
         assert_eq!((summary.count, summary.average_value), (1, 2.0));
 
-        // A second delivery of the same event (as after a lost acknowledgement).
+        // A second delivery of the same event (as after a lost acknowledgement), as the
+        // relay sends it: analytics continues the order's trace.
         let again = http
             .post(format!("http://127.0.0.1:{analytics_port}/events"))
             .header("content-type", "application/json")
+            .header("traceparent", delivered.traceparent.clone().unwrap())
             .body(delivered.payload.clone())
             .send()
             .await
@@ -701,6 +816,7 @@ mod tests {
         assert_eq!(again.status(), reqwest::StatusCode::OK);
         let again: Value = again.json().await.unwrap();
         assert_eq!(again["status"], "duplicate");
+        assert_eq!(again["traceId"], format!("{TRACE_ID:032x}"));
         let summary = analytics::MetricStore::summary(&metrics, analytics::ORDERS_CREATED)
             .await
             .unwrap()
@@ -713,6 +829,106 @@ mod tests {
         }
         metrics.close().await;
         shared.close().await;
+    }
+
+    #[tokio::test]
+    async fn with_redis_an_order_reaches_analytics_over_its_stream_in_its_trace() {
+        let Some(url) = crate::redis_fixtures::redis_url() else {
+            return;
+        };
+        let prefix = crate::redis_fixtures::prefix("service-streams");
+        let dir = TempDir::new("events-streams");
+        // Nobody is registered: delivery cannot be going over HTTP through discovery.
+        let (registry_url, _events) = FakeRegistry::start(vec![]).await;
+        let shutdown = CancellationToken::new();
+        let options = ServiceOptions {
+            outbox: RelaySettings {
+                poll_interval: Duration::from_millis(10),
+                ..RelaySettings::default()
+            },
+            events: EventSettings {
+                redis_url: Some(url.clone()),
+                prefix: prefix.clone(),
+            },
+            ..ServiceOptions::default()
+        };
+        let (orders_port, orders) = start_with(
+            ServiceKind::Orders,
+            &registry_url,
+            dir.path(),
+            &shutdown,
+            options.clone(),
+        )
+        .await;
+        let shared = SqliteStore::open(&dir.path().join(DATABASE_FILE))
+            .await
+            .unwrap();
+        // Written as the orders handler writes it (under its request's trace), into the
+        // file the running orders instance's relay watches.
+        let order = crate::storage::NewOrder {
+            user_id: 1,
+            products: vec!["Lamp".into(), "Bulb".into(), "Shade".into()],
+        };
+        crate::outbox::with_traceparent(
+            Some(TRACE_PARENT.to_owned()),
+            crate::storage::OrderStore::create_order(&shared, &order),
+        )
+        .await
+        .unwrap();
+        let outbox = shared.outbox();
+        let delivered = eventually("the event in its stream", || async {
+            let rows = outbox.records().await.unwrap();
+            rows.into_iter().find(|r| r.delivered_at.is_some())
+        })
+        .await;
+        assert_eq!(delivered.traceparent.as_deref(), Some(TRACE_PARENT));
+        assert!(orders_port > 0);
+
+        let (analytics_port, analytics) = start_with(
+            ServiceKind::Analytics,
+            &registry_url,
+            dir.path(),
+            &shutdown,
+            options.clone(),
+        )
+        .await;
+        let metrics = analytics::SqliteMetrics::open(&dir.path().join(analytics::DATABASE_FILE))
+            .await
+            .unwrap();
+        let summary = eventually("the event applied by analytics", || async {
+            analytics::MetricStore::summary(&metrics, analytics::ORDERS_CREATED)
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!((summary.count, summary.average_value), (1, 3.0));
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let health = format!("http://127.0.0.1:{analytics_port}/health");
+        assert!(http.get(health).send().await.unwrap().status().is_success());
+        let page = http
+            .get(format!("http://127.0.0.1:{analytics_port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("breakwater_events_applied_total 1"), "{page}");
+        assert!(
+            page.contains("breakwater_events_dead_lettered_total 0"),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"http_requests_total{method="GET",route="/health",status="200"} 1"#),
+            "one page with both sets: {page}"
+        );
+
+        shutdown.cancel();
+        orders.await.unwrap().unwrap();
+        analytics.await.unwrap().unwrap();
+        metrics.close().await;
+        shared.close().await;
+        crate::redis_fixtures::delete_keys(&url, &prefix).await;
     }
 
     #[tokio::test]
@@ -765,6 +981,7 @@ mod tests {
             unstable::app(state),
             "unstable-service-9000",
             metrics.clone(),
+            None,
         );
         assert_eq!(get_text(&router, "/health").await.0, 200);
         assert_eq!(get_text(&router, "/no/such/path").await.0, 404);
@@ -802,6 +1019,7 @@ mod tests {
             data::app(state),
             "data-service-7000",
             metrics,
+            None,
         );
         assert_eq!(get_text(&router, "/health").await.0, 200);
         let (status, page) = get_text(&router, "/metrics").await;

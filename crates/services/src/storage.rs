@@ -188,7 +188,7 @@ INSERT OR IGNORE INTO orders (id, user_id, products) VALUES
 
 /// The schema this code writes; append a step to migrate.
 const SCHEMA: Schema = Schema {
-    steps: &[SCHEMA_V1, outbox::SCHEMA_STEP],
+    steps: &[SCHEMA_V1, outbox::SCHEMA_STEP, outbox::TRACE_STEP],
 };
 
 /// Users and orders in one SQLite file (WAL mode, so readers never wait for writers).
@@ -599,9 +599,44 @@ mod tests {
             .fetch_one(&store.pool)
             .await
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         store.create_user(&ada()).await.unwrap();
         assert_eq!(store.outbox().records().await.unwrap().len(), 1);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_2_outbox_gains_trace_context_and_its_rows_stay_valid() {
+        let dir = TempDir::new("migrate-v2");
+        let v2 = Schema {
+            steps: &[SCHEMA_V1, outbox::SCHEMA_STEP],
+        };
+        let pool = database::open(&dir.db(), v2, 1).await.unwrap();
+        sqlx::query(
+            "INSERT INTO outbox (id, topic, payload, created_at, attempts, available_at) \
+             VALUES ('old', 'order.created', '{}', 1, 0, 1)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        let old = store.outbox().record("old").await.unwrap().unwrap();
+        assert_eq!(old.traceparent, None);
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let order = NewOrder {
+            user_id: 1,
+            products: vec!["Pen".into()],
+        };
+        outbox::with_traceparent(Some(parent.into()), store.create_order(&order))
+            .await
+            .unwrap();
+        store.create_order(&order).await.unwrap();
+        let rows = store.outbox().records().await.unwrap();
+        let mut traces: Vec<_> = rows.iter().map(|r| r.traceparent.as_deref()).collect();
+        traces.sort_unstable();
+        assert_eq!(traces, [None, None, Some(parent)]);
         store.close().await;
     }
 

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use breakwater_registry::client::Discovery;
 use breakwater_registry::wire::Instance;
-use breakwater_runtime::observe::{REQUEST_ID, TRACEPARENT, TraceContext};
+pub(crate) use breakwater_runtime::observe::Caller;
+use breakwater_runtime::observe::{REQUEST_ID, TRACEPARENT};
+use breakwater_runtime::otlp::Tracer;
 use reqwest::StatusCode;
 
 use crate::users;
@@ -23,16 +25,6 @@ pub(crate) enum UserLookup {
     Missing,
     /// No instance, or none of those tried gave an answer.
     Unavailable,
-}
-
-/// Who is asking: the incoming request's context, passed on so the users service's log
-/// line joins the same trace and request id.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Caller {
-    /// This hop's trace context; each call goes out as a child span of it.
-    pub(crate) trace: Option<TraceContext>,
-    /// The incoming request's id.
-    pub(crate) request_id: Option<String>,
 }
 
 /// Asks users instances found through `discovery` for user `id`, starting at a random
@@ -73,7 +65,8 @@ pub(crate) async fn find(
     UserLookup::Unavailable
 }
 
-/// One instance's answer, or why it gave none.
+/// One instance's answer, or why it gave none; a child span of `caller`'s (recorded as
+/// a client span when export is on), so the users instance's request joins its trace.
 async fn ask(
     http: &reqwest::Client,
     instance: &Instance,
@@ -81,14 +74,31 @@ async fn ask(
     caller: &Caller,
 ) -> Result<UserLookup, String> {
     let url = format!("{}/users/{id}", instance.base_url());
-    let mut request = http.get(&url).timeout(TRY_TIMEOUT);
-    if let Some(trace) = &caller.trace {
-        request = request.header(TRACEPARENT, trace.child().header_value());
-    }
-    if let Some(request_id) = &caller.request_id {
+    let call = caller.start_call(Tracer::global());
+    let mut request = http
+        .get(&url)
+        .timeout(TRY_TIMEOUT)
+        .header(TRACEPARENT, call.traceparent());
+    if let Some(request_id) = call.request_id() {
         request = request.header(REQUEST_ID, request_id);
     }
-    let response = request.send().await.map_err(|e| describe(&e))?;
+    let (status, answer) = match request.send().await {
+        Ok(response) => {
+            let status = response.status();
+            (Some(status.as_u16()), read_answer(response, &url).await)
+        }
+        Err(e) => (None, Err(describe(&e))),
+    };
+    call.finish(
+        "GET /users/{id}",
+        &url,
+        status,
+        answer.as_ref().err().cloned(),
+    );
+    answer
+}
+
+async fn read_answer(response: reqwest::Response, url: &str) -> Result<UserLookup, String> {
     match response.status() {
         StatusCode::OK => Ok(UserLookup::Exists),
         StatusCode::NOT_FOUND => {

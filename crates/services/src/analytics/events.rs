@@ -7,17 +7,27 @@
 //! event's `occurredAt`. Answers: 200 `{"status":"processed"}` or
 //! `{"status":"duplicate"}`; 400 for a body that is not an event; 422 for an event
 //! type analytics does not consume.
+//!
+//! The same path serves the Redis Streams consumer ([`crate::outbox::stream`]):
+//! [`AnalyticsState`] is its [`EventHandler`]. Either way the event is applied in a
+//! span continuing the trace of the request that caused it (the `traceparent` header
+//! here, the entry's field there); the answer names that `traceId`.
 
+use axum::Extension;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use breakwater_runtime::http::{ApiError, Json};
+use breakwater_runtime::observe::TraceContext;
 use serde_json::{Map, Value, json};
+use tracing::Instrument;
 
 use super::metric::{NewMetric, parse_timestamp};
 use super::store::{Applied, MetricStore};
 use super::{AnalyticsState, Shared, SummaryCache};
 use crate::outbox::ORDER_CREATED;
+use crate::outbox::stream::{EventHandler, HandleError, HandleFuture, Handled};
+use crate::storage::StorageError;
 
 /// The metric type an `order.created` event is recorded as.
 pub const ORDERS_CREATED: &str = "orders_created";
@@ -44,6 +54,15 @@ enum Refusal {
     Unknown(String),
 }
 
+impl Refusal {
+    fn message(&self) -> String {
+        match self {
+            Self::Malformed(message) => message.clone(),
+            Self::Unknown(kind) => format!("Unknown event type '{kind}'"),
+        }
+    }
+}
+
 impl From<Refusal> for ApiError {
     fn from(refusal: Refusal) -> Self {
         match refusal {
@@ -57,6 +76,7 @@ impl From<Refusal> for ApiError {
 
 pub(super) async fn consume<S: MetricStore, C: SummaryCache, U>(
     State(state): Shared<S, C, U>,
+    trace: Option<Extension<TraceContext>>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let bytes = axum::body::to_bytes(req.into_body(), MAX_EVENT_BYTES)
@@ -70,30 +90,79 @@ pub(super) async fn consume<S: MetricStore, C: SummaryCache, U>(
     let body: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("Malformed JSON: {e}")))?;
     let event = parse_event(&body)?;
-    apply(&state, &event).await
+    let trace = trace.map(|Extension(t)| t);
+    let applied = apply(&state, &event, trace).await?;
+    let status = match applied {
+        Applied::New => "processed",
+        Applied::Duplicate => "duplicate",
+    };
+    let mut answer = json!({"status": status, "id": event.id});
+    if let Some(trace) = trace {
+        answer["traceId"] = Value::from(trace.trace_hex());
+    }
+    Ok(Json(answer).into_response())
 }
 
+/// Applies `event` once, in a span of `trace` (this consumer's hop of the trace that
+/// caused the event) when there is one.
 async fn apply<S: MetricStore, C: SummaryCache, U>(
     state: &AnalyticsState<S, C, U>,
     event: &Incoming,
-) -> Result<Response, ApiError> {
-    let applied = state
-        .store
-        .record_event(&event.id, &event.kind, &event.metric)
-        .await?;
-    let status = match applied {
-        Applied::New => {
-            // After the commit, as for `POST /api/metrics`.
-            state.cache.invalidate(&event.metric.kind).await;
-            tracing::info!(event = %event.id, kind = %event.kind, "event applied");
-            "processed"
+    trace: Option<TraceContext>,
+) -> Result<Applied, StorageError> {
+    let span = tracing::info_span!(
+        "event",
+        event = %event.id,
+        kind = %event.kind,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    if let Some(trace) = trace {
+        span.record("trace_id", trace.trace_hex());
+        span.record("span_id", format!("{:016x}", trace.span_id));
+    }
+    async {
+        let applied = state
+            .store
+            .record_event(&event.id, &event.kind, &event.metric)
+            .await?;
+        match applied {
+            Applied::New => {
+                // After the commit, as for `POST /api/metrics`.
+                state.cache.invalidate(&event.metric.kind).await;
+                tracing::info!("event applied");
+            }
+            Applied::Duplicate => tracing::info!("duplicate event ignored"),
         }
-        Applied::Duplicate => {
-            tracing::info!(event = %event.id, kind = %event.kind, "duplicate event ignored");
-            "duplicate"
-        }
-    };
-    Ok(Json(json!({"status": status, "id": event.id})).into_response())
+        Ok(applied)
+    }
+    .instrument(span)
+    .await
+}
+
+impl<S, C, U> EventHandler for AnalyticsState<S, C, U>
+where
+    S: MetricStore + 'static,
+    C: SummaryCache + 'static,
+    U: Send + Sync + 'static,
+{
+    fn handle<'a>(&'a self, event: &'a [u8], trace: Option<TraceContext>) -> HandleFuture<'a> {
+        Box::pin(async move {
+            if event.len() > MAX_EVENT_BYTES {
+                return Err(HandleError::Refused(format!(
+                    "Event must be at most {MAX_EVENT_BYTES} bytes"
+                )));
+            }
+            let body: Value = serde_json::from_slice(event)
+                .map_err(|e| HandleError::Refused(format!("Malformed JSON: {e}")))?;
+            let incoming = parse_event(&body).map_err(|r| HandleError::Refused(r.message()))?;
+            match apply(self, &incoming, trace).await {
+                Ok(Applied::New) => Ok(Handled::Applied),
+                Ok(Applied::Duplicate) => Ok(Handled::Duplicate),
+                Err(e) => Err(HandleError::Unavailable(e.to_string())),
+            }
+        })
+    }
 }
 
 /// Checks the envelope `{id, type, occurredAt, data}` and the data of the types

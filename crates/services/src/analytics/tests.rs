@@ -711,3 +711,51 @@ async fn unknown_and_malformed_events_are_refused_and_change_nothing() {
 }
 
 mod on_redis;
+
+#[tokio::test]
+async fn external_data_passes_the_incoming_trace_on() {
+    use crate::upstream::test_support::recording_dependency;
+    use crate::upstream::{HttpUpstream, UpstreamTarget};
+    use breakwater_runtime::observe::{self, HttpMetrics, TraceContext};
+
+    let dir = TempDir::new("external-traced");
+    let store = SqliteMetrics::open(&dir.path().join(DATABASE_FILE))
+        .await
+        .unwrap();
+    let (url, seen) = recording_dependency(vec![]).await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let settings = unlimited();
+    let state = AnalyticsState::new(
+        store,
+        settings.memory_cache(),
+        HttpUpstream::new(UpstreamTarget::Url(url), http),
+        "analytics-service-6000",
+        6000,
+        &settings,
+    )
+    .unwrap();
+    let app = app(state).layer(observe::layer(
+        SERVICE_NAME,
+        "analytics-service-6000".into(),
+        Arc::new(HttpMetrics::new()),
+    ));
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut req = axum::http::Request::get("/api/external-data")
+        .header("traceparent", parent)
+        .header("x-request-id", "req-analytics-1")
+        .body(Body::empty())
+        .unwrap();
+    req.extensions_mut().insert(axum::extract::ConnectInfo(
+        PEER.parse::<std::net::SocketAddr>().unwrap(),
+    ));
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let parent = TraceContext::parse(parent).unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (trace, request_id) = &seen[0];
+    let trace = trace.unwrap();
+    assert_eq!(trace.trace_id, parent.trace_id);
+    assert_ne!(trace.span_id, parent.span_id);
+    assert_eq!(request_id.as_deref(), Some("req-analytics-1"));
+}

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use breakwater_resilience::retry::{Decision, RetryPolicy};
+use breakwater_runtime::observe::Caller;
 use serde_json::Value;
 
 use super::metrics::DataMetrics;
@@ -28,17 +29,19 @@ pub(crate) struct Fetched {
     pub(crate) attempts: u32,
 }
 
-/// Calls `upstream` until an answer or until the policy gives up, counting each try's
-/// outcome in `metrics`.
+/// Calls `upstream` on behalf of `caller` until an answer or until the policy gives up,
+/// counting each try's outcome in `metrics`. Each try is its own child span of the
+/// caller's.
 pub(crate) async fn fetch<U: Upstream>(
     upstream: &U,
     policy: FetchPolicy,
     metrics: &DataMetrics,
+    caller: &Caller,
 ) -> Fetched {
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let outcome = match tokio::time::timeout(policy.try_timeout, upstream.fetch()).await {
+        let outcome = match tokio::time::timeout(policy.try_timeout, upstream.fetch(caller)).await {
             Ok(Ok(data)) => {
                 metrics.attempt("success");
                 return Fetched {
@@ -104,7 +107,7 @@ mod tests {
     async fn four_failed_tries_then_nothing() {
         let upstream = ScriptedUpstream::failing();
         let metrics = DataMetrics::new();
-        let fetched = fetch(&upstream, policy(), &metrics).await;
+        let fetched = fetch(&upstream, policy(), &metrics, &Caller::default()).await;
         assert_eq!(
             fetched,
             Fetched {
@@ -120,7 +123,7 @@ mod tests {
     async fn a_late_success_is_returned() {
         let upstream = ScriptedUpstream::succeeding_after(2);
         let metrics = DataMetrics::new();
-        let fetched = fetch(&upstream, policy(), &metrics).await;
+        let fetched = fetch(&upstream, policy(), &metrics, &Caller::default()).await;
         assert_eq!(
             fetched.data,
             Some(json!({"message": "External service OK"}))
@@ -135,7 +138,7 @@ mod tests {
         let mut gaps = Vec::new();
         for _ in 0..20 {
             let upstream = ScriptedUpstream::failing();
-            fetch(&upstream, policy(), &DataMetrics::new()).await;
+            fetch(&upstream, policy(), &DataMetrics::new(), &Caller::default()).await;
             let times = upstream.call_times();
             assert_eq!(times.len(), 4);
             for (n, pair) in times.windows(2).enumerate() {
@@ -156,7 +159,7 @@ mod tests {
         let upstream = ScriptedUpstream::stalling();
         let metrics = DataMetrics::new();
         let started = tokio::time::Instant::now();
-        let fetched = fetch(&upstream, policy(), &metrics).await;
+        let fetched = fetch(&upstream, policy(), &metrics, &Caller::default()).await;
         assert_eq!(fetched.data, None);
         assert_eq!(upstream.calls(), 4);
         assert_eq!(metrics.attempts("timeout"), 4);

@@ -10,9 +10,10 @@
 //! id. Every relay on a database file delivers every routed topic in it (users and
 //! orders share one file, so a users instance may deliver an `order.created`).
 //!
-//! [`Transport`] is the seam for the broker: today [`HttpTransport`] POSTs to
-//! `/events` of a subscriber instance found through discovery; a Redis Streams
-//! transport can join beside it.
+//! [`Transport`] is the seam for the broker: [`HttpTransport`] POSTs to `/events` of a
+//! subscriber instance found through discovery (with the row's `traceparent` header);
+//! [`super::stream::StreamTransport`] appends to a Redis stream when Redis is
+//! configured.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use breakwater_registry::client::Discovery;
 use breakwater_resilience::retry::Backoff;
 use breakwater_runtime::CancellationToken;
 use breakwater_runtime::clock::now_millis;
+use breakwater_runtime::observe::TRACEPARENT;
 use tokio::task::JoinSet;
 
 use super::{Claimed, ORDER_CREATED, OutboxStore, millis};
@@ -97,7 +99,7 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 /// [`Transport`] over HTTP: `POST /events` to a random live instance of the
-/// subscriber (so a retry may reach another one).
+/// subscriber (so a retry may reach another one), with the event's `traceparent`.
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     discovery: Discovery,
@@ -127,17 +129,18 @@ impl Transport for HttpTransport {
         }
         let instance = &instances[rand::random_range(0..instances.len())];
         let url = format!("{}/events", instance.base_url());
-        let response = self
+        let mut request = self
             .http
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(event.payload.clone())
-            .send()
-            .await
-            .map_err(|e| DeliveryError::Transport {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+            .body(event.payload.clone());
+        if let Some(traceparent) = &event.traceparent {
+            request = request.header(TRACEPARENT, traceparent);
+        }
+        let response = request.send().await.map_err(|e| DeliveryError::Transport {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
         let status = response.status();
         if status.is_success() {
             Ok(())
@@ -435,14 +438,24 @@ mod tests {
     struct Seen {
         posts: HashMap<String, usize>,
         refuse: usize,
+        /// The `traceparent` header of each event's last POST.
+        traces: HashMap<String, Option<String>>,
     }
 
     type Consumer = Arc<Mutex<Seen>>;
 
-    async fn consume(State(seen): State<Consumer>, body: String) -> StatusCode {
+    async fn consume(
+        State(seen): State<Consumer>,
+        headers: axum::http::HeaderMap,
+        body: String,
+    ) -> StatusCode {
         let event: Value = serde_json::from_str(&body).unwrap();
         let id = event["id"].as_str().unwrap().to_owned();
         let mut seen = seen.lock().unwrap();
+        let trace = headers
+            .get("traceparent")
+            .map(|v| v.to_str().unwrap().to_owned());
+        seen.traces.insert(id.clone(), trace);
         *seen.posts.entry(id).or_default() += 1;
         if seen.refuse > 0 {
             seen.refuse -= 1;
@@ -563,6 +576,28 @@ mod tests {
         task.await.unwrap();
         assert_eq!(rows[0].attempts, 3);
         assert_eq!(seen.lock().unwrap().posts.get(&rows[0].id), Some(&3));
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_event_is_posted_with_the_traceparent_of_its_request() {
+        let dir = TempDir::new("relay-trace");
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let order = NewOrder {
+            user_id: 1,
+            products: vec!["Pen".into()],
+        };
+        crate::outbox::with_traceparent(Some(parent.into()), store.create_order(&order))
+            .await
+            .unwrap();
+        create_orders(&store, 1).await;
+        let (seen, transport) = consumer(0).await;
+        let relay = Relay::new(store.outbox(), transport, Routes::SYSTEM, quick(), "relay");
+        assert_eq!(relay.pass().await.unwrap().delivered, 2);
+        let mut traces: Vec<_> = seen.lock().unwrap().traces.values().cloned().collect();
+        traces.sort();
+        assert_eq!(traces, [None, Some(parent.to_owned())]);
         store.close().await;
     }
 

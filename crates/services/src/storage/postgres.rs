@@ -192,13 +192,14 @@ async fn append(tx: &mut Transaction<'_, Postgres>, event: &Event) -> Result<(),
     })?;
     let now = millis(now_millis());
     sqlx::query(
-        "INSERT INTO outbox (id, topic, payload, created_at, attempts, available_at) \
-         VALUES ($1, $2, $3, $4, 0, $4)",
+        "INSERT INTO outbox (id, topic, payload, created_at, attempts, available_at, traceparent) \
+         VALUES ($1, $2, $3, $4, 0, $4, $5)",
     )
     .bind(&event.id)
     .bind(&event.kind)
     .bind(payload)
     .bind(now)
+    .bind(crate::outbox::current_traceparent())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -315,7 +316,7 @@ impl PgOutbox {
     /// Every row, oldest first.
     pub async fn records(&self) -> Result<Vec<OutboxRecord>, StorageError> {
         let rows = sqlx::query(
-            "SELECT id, topic, payload, created_at, delivered_at, attempts FROM outbox \
+            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent FROM outbox \
              ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
@@ -329,6 +330,7 @@ impl PgOutbox {
                     payload: row.try_get("payload")?,
                     created_at: row.try_get("created_at")?,
                     delivered_at: row.try_get("delivered_at")?,
+                    traceparent: row.try_get("traceparent")?,
                     id,
                 })
             })
@@ -367,7 +369,7 @@ impl OutboxStore for PgOutbox {
                  ORDER BY created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
              UPDATE outbox o SET claim = $1, available_at = $2 + $3, attempts = o.attempts + 1 \
              FROM picked WHERE o.id = picked.id \
-             RETURNING o.id, o.topic, o.payload, o.attempts, o.created_at",
+             RETURNING o.id, o.topic, o.payload, o.attempts, o.created_at, o.traceparent",
         )
         .bind(&claim)
         .bind(now)
@@ -386,6 +388,7 @@ impl OutboxStore for PgOutbox {
                     topic: row.try_get("topic")?,
                     payload: row.try_get("payload")?,
                     claim: claim.clone(),
+                    traceparent: row.try_get("traceparent")?,
                     id,
                 };
                 Ok((created_at, claimed))
@@ -812,6 +815,37 @@ pub(crate) mod tests {
         assert_eq!(store.order(order.id).await.unwrap(), Some(order));
         store.create_user(&ada()).await.unwrap();
         assert_eq!(store.outbox().records().await.unwrap().len(), 2);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_event_keeps_the_traceparent_of_its_request_through_a_claim() {
+        let Some(schema) = TestSchema::new().await else {
+            return;
+        };
+        let store = schema.store().await;
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        crate::outbox::with_traceparent(Some(parent.into()), store.create_order(&pen_order()))
+            .await
+            .unwrap();
+        store.create_user(&ada()).await.unwrap();
+        let rows = store.outbox().records().await.unwrap();
+        let traced: Vec<_> = rows
+            .iter()
+            .map(|r| (r.topic.as_str(), r.traceparent.as_deref()))
+            .collect();
+        assert!(
+            traced.contains(&(ORDER_CREATED, Some(parent))),
+            "{traced:?}"
+        );
+        assert!(traced.contains(&(USER_CREATED, None)), "{traced:?}");
+        let now = millis(now_millis());
+        let claimed = store
+            .outbox()
+            .claim(&[ORDER_CREATED], now, 1000, 10)
+            .await
+            .unwrap();
+        assert_eq!(claimed[0].traceparent.as_deref(), Some(parent));
         store.close().await;
     }
 
