@@ -11,6 +11,7 @@
 //! - `GET /admin/stats?seconds=N`: the dashboard's charts, per route requests/s, error
 //!   rate and p50/p99 latency for each of the last N seconds (default 300), and each
 //!   instance's attempts and failures ([`stats`]).
+//! - `/admin/control[/...]`: `breakwater up`'s control API, forwarded ([`control`]).
 //!
 //! Access: open when the gateway listens on loopback only; otherwise it needs
 //! `Authorization: Bearer <token>` (the token from `BREAKWATER_ADMIN_TOKEN` or the
@@ -23,7 +24,7 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Extension, Router};
 use breakwater_runtime::http::{ApiError, Json};
 use serde_json::{Value, json};
@@ -34,6 +35,7 @@ use crate::policy::{Policy, RateKey};
 use crate::route::Route;
 use crate::server::GatewayState;
 
+pub mod control;
 pub mod stats;
 
 use stats::{HISTORY_SECONDS, TrafficHistory};
@@ -53,6 +55,8 @@ pub fn router(state: GatewayState) -> Router<GatewayState> {
                 .fallback(errors::wrong_method)
                 .layer(Extension(history)),
         )
+        .route("/control", any(control::forward))
+        .route("/control/{*rest}", any(control::forward))
         .route_layer(middleware::from_fn_with_state(state, guard))
 }
 

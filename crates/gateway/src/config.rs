@@ -19,6 +19,12 @@ pub const DEFAULT_PORT: u16 = 8000;
 pub const DEFAULT_REGISTRY_URL: &str = "http://127.0.0.1:3000";
 /// How often the gateway heartbeats to the registry unless told otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL_SECS: u64 = 10;
+/// Key prefix in Redis unless told otherwise: gateways that share it share their rate
+/// limits and cached responses.
+pub const DEFAULT_REDIS_PREFIX: &str = "breakwater:gateway";
+/// Bound on one Redis call of the request path (rate-limit decision, cache read or
+/// write) unless told otherwise; past it the gateway decides without Redis.
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(100);
 /// The routes and policies used when no config file is given (CONTRACTS.md's gateway
 /// table with the default policies).
 pub const EMBEDDED_CONFIG: &str = include_str!("../breakwater.toml");
@@ -51,6 +57,16 @@ pub struct GatewayConfig {
     /// Whether the listener is bound to a loopback address only, so `/admin` needs no
     /// token. [`crate::run`] sets it from the listener; off by default, the safe side.
     pub listener_loopback: bool,
+    /// Base URL of `breakwater up`'s control API, which `/admin/control` forwards to;
+    /// `None` when the gateway does not run under `up`.
+    pub control_url: Option<String>,
+    /// Redis (`redis://host:port/db`) for rate limits shared by every gateway and a
+    /// shared second level of the response cache; `None`: both stay local.
+    pub redis_url: Option<String>,
+    /// Key prefix in Redis ([`DEFAULT_REDIS_PREFIX`]).
+    pub redis_prefix: String,
+    /// Bound on one Redis call ([`DEFAULT_REDIS_TIMEOUT`]).
+    pub redis_timeout: Duration,
 }
 
 impl GatewayConfig {
@@ -69,6 +85,10 @@ impl GatewayConfig {
             config_path: None,
             admin_token: None,
             listener_loopback: false,
+            control_url: None,
+            redis_url: None,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            redis_timeout: DEFAULT_REDIS_TIMEOUT,
         }
     }
 
@@ -77,6 +97,9 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_http_url("registry_url", &self.registry_url)?;
         check_http_url("registry_dashboard_url", &self.registry_dashboard_url)?;
+        if let Some(url) = &self.control_url {
+            check_http_url("control_url", url)?;
+        }
         if self.instance.trim().is_empty() {
             return Err(ConfigError::invalid("instance", "must not be empty"));
         }
@@ -98,6 +121,31 @@ impl GatewayConfig {
             return Err(ConfigError::invalid(
                 "admin_token",
                 "must be printable ASCII without spaces",
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            use redis::IntoConnectionInfo as _;
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::invalid(
+                    "redis_url",
+                    format!("{url:?} must look like redis://host:port/db"),
+                ));
+            }
+            url.as_str()
+                .into_connection_info()
+                .map_err(|e| ConfigError::invalid("redis_url", format!("{url:?}: {e}")))?;
+        }
+        if self.redis_prefix.is_empty() || !self.redis_prefix.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ConfigError::invalid(
+                "redis_prefix",
+                "must be printable ASCII without spaces",
+            ));
+        }
+        if self.redis_timeout.is_zero() || self.redis_timeout > Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                "redis_timeout",
+                "must be longer than zero and at most 10s",
             ));
         }
         Ok(())
@@ -254,6 +302,26 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("try_timeout")
+        );
+        c = GatewayConfig::default();
+        c.redis_url = Some("localhost:6379".into());
+        assert!(c.validate().unwrap_err().to_string().contains("redis_url"));
+        c.redis_url = Some("redis://127.0.0.1:6379/0".into());
+        assert_eq!(c.validate(), Ok(()));
+        c.redis_prefix = "a b".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("redis_prefix")
+        );
+        c = GatewayConfig::default();
+        c.redis_timeout = Duration::ZERO;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("redis_timeout")
         );
         c = GatewayConfig::default();
         c.heartbeat_interval_secs = 0;

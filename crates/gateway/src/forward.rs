@@ -7,26 +7,30 @@
 //!   `X-Forwarded-For/-Proto/-Host` tell it who asked; `x-request-id` follows the request
 //!   through every hop and comes back on the response.
 //! - [`send_once`] makes one try with a timeout and says what went wrong, if anything;
-//!   retries, balancing and classification are [`crate::stack`]'s.
+//!   retries, balancing and classification are [`crate::stack`]'s. Connections come
+//!   from [`pool`], one pool per thread.
+//! - [`ClientBody`] carries the upstream's body back to the client unboxed; any other
+//!   answer (errors, fallbacks, cached bodies, the router's) is boxed.
+
+mod pool;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::BoxError;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::Request;
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, HOST};
-use axum::http::uri::{PathAndQuery, Scheme};
+use axum::http::uri::PathAndQuery;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version, request};
 use axum::middleware::Next;
 use axum::response::Response;
+use breakwater_runtime::observe::TraceContext;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::classify::{AttemptKind, Replay};
 use crate::errors::GatewayError;
@@ -44,8 +48,8 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// A request body on its way upstream: kept bytes, or the client's stream.
 pub type UpstreamBody = Either<Full<Bytes>, Body>;
 
-/// The pooled upstream client: one per gateway, shared by every request.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+/// The W3C trace context header.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -65,13 +69,6 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("upgrade"),
 ];
 
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Idle pooled connections kept per endpoint: enough for a busy gateway's concurrency,
-/// bounded so a burst does not leave thousands of sockets open.
-const POOL_MAX_IDLE_PER_HOST: usize = 256;
-
 /// A connect that takes longer than this is treated as a dead instance, so that even a
 /// non-idempotent request (which is only retried when nothing was sent) moves on
 /// quickly from a black-holed address instead of spending its whole try there.
@@ -79,32 +76,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest client-supplied request id the gateway passes on; longer ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
-
-thread_local! {
-    /// One pool per thread: the gateway serves with one single-threaded runtime per core
-    /// (`serve_per_core`), so a pooled connection and the requests that use it stay on
-    /// the thread that made them, with no cross-thread wake-ups.
-    static THREAD_CLIENT: UpstreamClient = upstream_client();
-}
-
-/// This thread's upstream client (a cheap handle to its pool).
-pub fn thread_client() -> UpstreamClient {
-    THREAD_CLIENT.with(Clone::clone)
-}
-
-/// A new pooled upstream client: HTTP/1.1, `TCP_NODELAY`, idle connections kept for
-/// 30 s, connects bounded by [`CONNECT_TIMEOUT`] (a try's own timeout may cut them
-/// sooner).
-pub fn upstream_client() -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
-}
 
 /// A request's body as the gateway holds it.
 #[derive(Debug)]
@@ -122,7 +93,7 @@ pub struct Outbound {
     pub method: Method,
     /// The path and query the upstream gets (after the route's rewrite).
     pub path_and_query: PathAndQuery,
-    /// End-to-end headers only; `Host` is set per endpoint.
+    /// End-to-end headers only, plus `Host`, which each try sets for its endpoint.
     pub headers: HeaderMap,
     /// The body.
     pub body: OutboundBody,
@@ -145,14 +116,20 @@ impl Outbound {
         }
     }
 
-    /// Turns a client's request into an outbound one for `path_and_query` (the route's
-    /// rewrite of the client's): keeps a body of at most [`REPLAY_LIMIT`] bytes, streams a
-    /// larger one, strips hop-by-hop headers, adds `X-Forwarded-*`.
-    pub async fn from_client(
+    /// Turns a client's request from `peer` (when known) into an outbound one for
+    /// `path_and_query` (the route's rewrite of the client's): keeps a body of at most
+    /// [`REPLAY_LIMIT`] bytes, streams a larger one, strips hop-by-hop headers, adds
+    /// `X-Forwarded-*`.
+    pub async fn from_client<B>(
         parts: request::Parts,
-        body: Body,
+        body: B,
         path_and_query: PathAndQuery,
-    ) -> Result<Self, GatewayError> {
+        peer: Option<SocketAddr>,
+    ) -> Result<Self, GatewayError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let body = read_body(&parts.headers, body).await?;
         let request_id = parts.headers.get(REQUEST_ID).cloned();
         let mut headers = parts.headers;
@@ -166,8 +143,8 @@ impl Outbound {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
-            append_forwarded_for(&mut headers, *peer);
+        if let Some(peer) = peer {
+            append_forwarded_for(&mut headers, peer);
         }
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         if let Some(host) = original_host {
@@ -207,29 +184,30 @@ impl Outbound {
             OutboundBody::Kept(bytes) => Either::Left(Full::new(bytes.clone())),
             OutboundBody::Streamed(stream) => Either::Right(stream.take()?),
         };
-        let mut uri = axum::http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(endpoint.authority.clone());
-        uri.path_and_query = Some(self.path_and_query.clone());
-        let uri = Uri::from_parts(uri).ok()?;
         let mut req = hyper::Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.version_mut() = Version::HTTP_11;
-        *req.uri_mut() = uri;
+        // Origin form (`/path?query`): what an HTTP/1.1 request to a server carries.
+        *req.uri_mut() = Uri::from(self.path_and_query.clone());
+        // `Host` goes into the kept map before it is copied: a copy has no spare room,
+        // so adding it to the copy would grow (reallocate) it on every try.
+        self.headers.insert(HOST, endpoint.host_header.clone());
         *req.headers_mut() = if last {
             std::mem::take(&mut self.headers)
         } else {
             self.headers.clone()
         };
-        req.headers_mut().insert(HOST, endpoint.host_header.clone());
         Some(req)
     }
 }
 
 /// Reads the client's body: empty and small bodies are kept, a body declared (or found)
 /// larger than [`REPLAY_LIMIT`] is streamed on, with what was read so far in front.
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<OutboundBody, GatewayError> {
-    use hyper::body::Body as _;
+async fn read_body<B>(headers: &HeaderMap, body: B) -> Result<OutboundBody, GatewayError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     if body.is_end_stream() {
         return Ok(OutboundBody::Kept(Bytes::new()));
     }
@@ -238,7 +216,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<OutboundBody, Gate
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > REPLAY_LIMIT as u64) {
-        return Ok(OutboundBody::Streamed(Some(body)));
+        return Ok(OutboundBody::Streamed(Some(Body::new(body))));
     }
     let mut body = body;
     let mut kept = BytesMut::new();
@@ -247,7 +225,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<OutboundBody, Gate
             None => return Ok(OutboundBody::Kept(kept.freeze())),
             Some(Err(e)) => {
                 return Err(GatewayError::BodyUnreadable {
-                    cause: error_chain(&e),
+                    cause: error_chain(&*e.into()),
                 });
             }
             Some(Ok(frame)) => {
@@ -260,7 +238,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<OutboundBody, Gate
                     let prefix = kept.freeze();
                     return Ok(OutboundBody::Streamed(Some(Body::new(Prefixed {
                         prefix: Some(prefix),
-                        rest: body,
+                        rest: Body::new(body),
                     }))));
                 }
             }
@@ -350,10 +328,10 @@ impl std::fmt::Display for TryError {
     }
 }
 
-/// One try of `outbound` at `endpoint`, waiting at most `timeout` for the response head.
-/// `last` says no try follows (the headers are moved, not copied).
+/// One try of `outbound` at `endpoint` on this thread's pool, waiting at most `timeout`
+/// for the response head (connecting included). `last` says no try follows (the headers
+/// are moved, not copied).
 pub async fn send_once(
-    client: &UpstreamClient,
     endpoint: &Endpoint,
     outbound: &mut Outbound,
     timeout: Duration,
@@ -362,11 +340,9 @@ pub async fn send_once(
     let Some(req) = outbound.request_for(endpoint, last) else {
         return Err(TryError::BodyGone);
     };
-    match tokio::time::timeout(timeout, client.request(req)).await {
+    match tokio::time::timeout(timeout, pool::send(&endpoint.authority, req)).await {
         Err(_elapsed) => Err(TryError::Timeout),
-        Ok(Err(e)) if e.is_connect() => Err(TryError::Connect(error_chain(&e))),
-        Ok(Err(e)) => Err(TryError::Protocol(error_chain(&e))),
-        Ok(Ok(res)) => Ok(res),
+        Ok(result) => result,
     }
 }
 
@@ -375,6 +351,68 @@ pub fn client_response(res: hyper::Response<Incoming>) -> Response {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Body::new(body))
+}
+
+/// [`client_response`] without boxing the body, for the proxied path.
+pub fn proxied_response(res: hyper::Response<Incoming>) -> hyper::Response<ClientBody> {
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    hyper::Response::from_parts(parts, ClientBody::Upstream(body))
+}
+
+/// A response body on its way to the client: an upstream's stream as hyper gave it, or
+/// any other body boxed.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// The upstream's body, streamed.
+    Upstream(Incoming),
+    /// Anything the gateway answered itself.
+    Other(Body),
+}
+
+impl ClientBody {
+    /// As an axum body (boxing an upstream stream).
+    pub fn into_axum(self) -> Body {
+        match self {
+            Self::Upstream(body) => Body::new(body),
+            Self::Other(body) => body,
+        }
+    }
+}
+
+impl From<Body> for ClientBody {
+    fn from(body: Body) -> Self {
+        Self::Other(body)
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Self::Other(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(body) => body.is_end_stream(),
+            Self::Other(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream(body) => body.size_hint(),
+            Self::Other(body) => body.size_hint(),
+        }
+    }
 }
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
@@ -413,26 +451,91 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_canonical().to_string();
-    let prior: Vec<&str> = headers
+    let mut ip = [0_u8; 39];
+    let ip = write_ip(&mut ip, peer.ip().to_canonical());
+    let mut prior = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .collect();
-    let chain = if prior.is_empty() {
-        ip
+        .peekable();
+    let value = if prior.peek().is_none() {
+        carved_value(ip)
     } else {
-        format!("{}, {ip}", prior.join(", "))
+        let mut chain = Vec::with_capacity(64);
+        for part in prior {
+            chain.extend_from_slice(part.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(ip);
+        // Both parts are valid header text, so this only fails on exotic bytes; then
+        // the peer alone is still the truth.
+        HeaderValue::from_maybe_shared(Bytes::from(chain))
+            .ok()
+            .or_else(|| carved_value(ip))
     };
-    // Both parts came from valid header text, so this only fails on exotic bytes; then
-    // the peer alone is still the truth.
-    let value = HeaderValue::from_str(&chain)
-        .or_else(|_| HeaderValue::from_str(&peer.ip().to_canonical().to_string()));
-    if let Ok(value) = value {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
+}
+
+/// Writes `ip` as text into `out` (39 bytes fit any address) and returns that text;
+/// IPv4 (every request's peer on most setups) without `fmt`.
+fn write_ip(out: &mut [u8; 39], ip: std::net::IpAddr) -> &[u8] {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut len = 0;
+            let mut push = |b: u8| {
+                if let Some(slot) = out.get_mut(len) {
+                    *slot = b;
+                    len += 1;
+                }
+            };
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    push(b'.');
+                }
+                if octet >= 100 {
+                    push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    push(b'0' + octet / 10 % 10);
+                }
+                push(b'0' + octet % 10);
+            }
+            out.get(..len).unwrap_or_default()
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            let mut cursor = std::io::Cursor::new(&mut out[..]);
+            // 39 bytes hold the longest IPv6 text.
+            let _ = write!(cursor, "{v6}");
+            let len = usize::try_from(cursor.position()).unwrap_or(0);
+            out.get(..len).unwrap_or_default()
+        }
+    }
+}
+
+/// The `traceparent` value naming `context`'s span as the parent, written without
+/// `fmt`: `00-<trace id>-<span id>-<flags>`.
+pub fn traceparent_value(context: &TraceContext) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 55];
+    out[0] = b'0';
+    out[1] = b'0';
+    let mut write = |at: usize, digits: usize, mut n: u128| {
+        for i in (at..at + digits).rev() {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = HEX[(n & 0xf) as usize];
+            }
+            n >>= 4;
+        }
+    };
+    write(3, 32, context.trace_id);
+    write(36, 16, u128::from(context.span_id));
+    write(53, 2, u128::from(context.flags));
+    carved_value(&out).unwrap_or_else(|| HeaderValue::from_static(""))
 }
 
 /// Middleware giving every request an `x-request-id` (the client's, if usable, else a
@@ -474,7 +577,33 @@ pub fn new_request_id() -> HeaderValue {
         *digit = HEX[(n & 0xf) as usize];
         n >>= 4;
     }
-    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    carved_value(&id).unwrap_or_else(|| HeaderValue::from_static("0"))
+}
+
+thread_local! {
+    /// Where this thread writes the header values it makes (request ids, trace context,
+    /// `X-Forwarded-For`).
+    static VALUES: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// Room [`carved_value`] makes at a time, for a few dozen requests' values.
+const VALUES_CHUNK: usize = 4096;
+
+/// A header value holding `bytes`, carved from a per-thread buffer: a value made with
+/// `HeaderValue::from_bytes` is a plain vector, whose first clone (a request kept for a
+/// retry clones its headers) allocates again; one carved from a shared buffer is only
+/// counted. `None` if `bytes` is not valid header text.
+fn carved_value(bytes: &[u8]) -> Option<HeaderValue> {
+    let carved = VALUES.with(|cell| {
+        let mut buf = cell.try_borrow_mut().ok()?;
+        if buf.capacity() - buf.len() < bytes.len() {
+            *buf = BytesMut::with_capacity(VALUES_CHUNK.max(bytes.len()));
+        }
+        buf.extend_from_slice(bytes);
+        Some(buf.split().freeze())
+    });
+    let bytes = carved.unwrap_or_else(|| Bytes::copy_from_slice(bytes));
+    HeaderValue::from_maybe_shared(bytes).ok()
 }
 
 /// A client's id is passed on only if it is short, printable ASCII without spaces, so it
@@ -489,8 +618,19 @@ fn usable_request_id(v: &HeaderValue) -> bool {
 /// the service's routes.
 pub fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        decoded == "." || decoded == ".."
+        // Counts the segment's dots (`.` or `%2e`, any case) and fails on anything else,
+        // without decoding into a new string.
+        let mut rest = segment.as_bytes();
+        let mut dots = 0;
+        while !rest.is_empty() {
+            rest = match rest {
+                [b'.', tail @ ..] => tail,
+                [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+                _ => return false,
+            };
+            dots += 1;
+        }
+        dots == 1 || dots == 2
     })
 }
 
@@ -571,6 +711,37 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         append_forwarded_for(&mut h, "[::ffff:10.0.0.9]:5555".parse().unwrap());
         assert_eq!(h[X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static(" 5.6.7.8 "));
+        append_forwarded_for(&mut h, "[2001:db8::1]:5555".parse().unwrap());
+        assert_eq!(
+            h[X_FORWARDED_FOR],
+            "1.2.3.4, 10.0.0.9, 5.6.7.8, 2001:db8::1"
+        );
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "255.0.100.7:1".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "255.0.100.7");
+    }
+
+    #[test]
+    fn traceparent_values_match_the_w3c_text() {
+        let context = TraceContext {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            span_id: 0x00f067aa0ba902b7,
+            flags: 1,
+        };
+        let value = traceparent_value(&context);
+        assert_eq!(value, context.header_value().as_str());
+        assert_eq!(
+            value,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        let tiny = TraceContext {
+            trace_id: 1,
+            span_id: 2,
+            flags: 0,
+        };
+        assert_eq!(traceparent_value(&tiny), tiny.header_value().as_str());
     }
 
     #[test]
@@ -596,6 +767,11 @@ mod tests {
         assert!(!has_dot_segment("/users/1.5"));
         assert!(!has_dot_segment("/users/..."));
         assert!(!has_dot_segment("/users"));
+        assert!(has_dot_segment("/users/.%2E"));
+        assert!(!has_dot_segment("/users/%2e%2e%2e"));
+        assert!(!has_dot_segment("/users/%2"));
+        assert!(!has_dot_segment("/a.b/c"));
+        assert!(!has_dot_segment("/"));
     }
 
     #[tokio::test]

@@ -1,5 +1,10 @@
 //! Per-route rate limiting: a [`RouteLimiter`] keys each request (client IP, a header,
-//! or an API key) and asks breakwater-resilience's GCRA [`KeyedRateLimiter`].
+//! or an API key) and asks breakwater-resilience's GCRA [`KeyedRateLimiter`], or, when
+//! the gateway has Redis ([`SharedLimits`]), the same GCRA as one Lua script on the
+//! Redis server ([`RedisRateLimiter`]) so that every gateway on the prefix enforces one
+//! limit together. While Redis fails or is slower than its timeout, the route's
+//! `on_redis_error` decides (this gateway's local limit, or a refusal) and the fallback
+//! is counted in `breakwater_gateway_redis_fallbacks_total{kind="rate_limit"}`.
 //!
 //! Every answer carries the IETF draft's `RateLimit-Limit`, `RateLimit-Remaining` and
 //! `RateLimit-Reset` (seconds) headers plus `RateLimit-Policy`; a refusal is a ready 429
@@ -12,8 +17,12 @@ use std::time::Duration;
 use axum::Json;
 use axum::response::{IntoResponse, Response};
 use breakwater_resilience::rate_limit::{KeyedRateLimiter, RateQuota};
+use breakwater_resilience::redis_limit::{
+    DecidedBy, DistributedLimit, FailMode, RedisLimitError, RedisRateLimiter,
+};
 use http::header::RETRY_AFTER;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use prometheus_client::metrics::counter::Counter;
 
 /// `RateLimit-Limit`: requests allowed per window.
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -43,10 +52,35 @@ pub enum LimitKey {
     ApiKey,
 }
 
+/// Where a gateway's rate limits are shared: a Redis and the key prefix of its limits.
+#[derive(Debug, Clone)]
+pub struct SharedLimits {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Prefix of every limit key, `<gateway prefix>:limit`; a route's keys are
+    /// `<prefix>:<route>:<client key>`.
+    pub prefix: String,
+    /// Bound on one decision in Redis.
+    pub timeout: Duration,
+    /// Counts decisions made without Redis.
+    pub fallbacks: Counter,
+}
+
+/// Who decides a route's limit.
+#[derive(Debug)]
+enum Backend {
+    Local(KeyedRateLimiter),
+    Redis {
+        // Boxed: it is several times the size of the local limiter.
+        limiter: Box<RedisRateLimiter>,
+        fallbacks: Counter,
+    },
+}
+
 /// One route's rate limit.
 #[derive(Debug)]
 pub struct RouteLimiter {
-    limiter: KeyedRateLimiter,
+    backend: Backend,
     key: LimitKey,
     policy: HeaderValue,
 }
@@ -55,16 +89,51 @@ impl RouteLimiter {
     /// At most `requests` per `per` for each key (GCRA: a full burst, then one request
     /// every `per / requests`). A `per` shorter than 1 ns per request is raised to that.
     pub fn new(requests: NonZeroU32, per: Duration, key: LimitKey) -> Self {
-        let policy = HeaderValue::from_str(&format!("{requests};w={}", ceil_secs(per).max(1)))
-            .unwrap_or_else(|_| HeaderValue::from_static(""));
         Self {
-            limiter: KeyedRateLimiter::new(RateQuota {
+            backend: Backend::Local(KeyedRateLimiter::new(RateQuota {
+                per,
+                burst: requests,
+            })),
+            key,
+            policy: policy_header(requests, per),
+        }
+    }
+
+    /// The same limit kept in Redis for every gateway on `shared`'s prefix, under
+    /// `<prefix>:<route>:<client key>`; `on_redis_error` decides while Redis cannot.
+    /// Connects on the first request, so Redis may still be down now. Fails only on a
+    /// URL or a limit the shared limiter cannot use (at least 1 µs per request).
+    pub fn shared(
+        requests: NonZeroU32,
+        per: Duration,
+        key: LimitKey,
+        route: &str,
+        on_redis_error: FailMode,
+        shared: &SharedLimits,
+    ) -> Result<Self, RedisLimitError> {
+        let limiter = RedisRateLimiter::new(
+            &shared.url,
+            format!("{}:{route}", shared.prefix),
+            DistributedLimit::Gcra(RateQuota {
                 per,
                 burst: requests,
             }),
+        )?
+        .with_fail_mode(on_redis_error)
+        .with_timeout(shared.timeout);
+        Ok(Self {
+            backend: Backend::Redis {
+                limiter: Box::new(limiter),
+                fallbacks: shared.fallbacks.clone(),
+            },
             key,
-            policy,
-        }
+            policy: policy_header(requests, per),
+        })
+    }
+
+    /// Whether the limit is kept in Redis.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Redis { .. })
     }
 
     /// Admits or refuses one request from `peer` with `headers`.
@@ -72,13 +141,19 @@ impl RouteLimiter {
     /// `Ok`: the `RateLimit-*` headers to add to the response. `Err`: a ready 429 with
     /// `{"error":"Too many requests"}`, `Retry-After` (whole seconds, rounded up, at
     /// least 1), the `RateLimit-*` headers and `x-breakwater-error: rate-limited`.
-    #[expect(
-        clippy::result_large_err,
-        reason = "the refusal is the response itself, built only on the rare refusal path"
-    )]
-    pub fn check(&self, headers: &HeaderMap, peer: IpAddr) -> Result<HeaderMap, Response> {
+    pub async fn check(&self, headers: &HeaderMap, peer: IpAddr) -> Result<HeaderMap, Response> {
         let key = self.key_of(headers, peer);
-        match self.limiter.check(&key) {
+        let decision = match &self.backend {
+            Backend::Local(limiter) => limiter.check(&key),
+            Backend::Redis { limiter, fallbacks } => {
+                let (decision, by) = limiter.decide(&key).await;
+                if by == DecidedBy::Fallback {
+                    fallbacks.inc();
+                }
+                decision
+            }
+        };
+        match decision {
             Ok(info) => Ok(self.rate_headers(info.limit, info.remaining, ceil_secs(info.reset))),
             Err(limited) => {
                 let retry_after = ceil_secs(limited.retry_after).max(1);
@@ -95,15 +170,22 @@ impl RouteLimiter {
         }
     }
 
-    /// Forgets keys whose quota has fully refilled; call periodically (the key map
-    /// otherwise grows with every client ever seen).
+    /// Forgets keys whose quota has fully refilled (for a shared limit: the fallback's
+    /// keys); call periodically (the key map otherwise grows with every client ever
+    /// seen).
     pub fn retain_recent(&self) {
-        self.limiter.retain_recent();
+        match &self.backend {
+            Backend::Local(limiter) => limiter.retain_recent(),
+            Backend::Redis { limiter, .. } => limiter.retain_recent(),
+        }
     }
 
-    /// Keys tracked now.
+    /// Keys tracked in this process now (a shared limit keeps its keys in Redis: 0).
     pub fn tracked_keys(&self) -> usize {
-        self.limiter.len()
+        match &self.backend {
+            Backend::Local(limiter) => limiter.len(),
+            Backend::Redis { .. } => 0,
+        }
     }
 
     /// The bucket key of a request. The `ip:` / `h:` prefixes keep a header value that
@@ -128,6 +210,12 @@ impl RouteLimiter {
         headers.insert(RATELIMIT_POLICY, self.policy.clone());
         headers
     }
+}
+
+/// `RateLimit-Policy`: `<requests>;w=<window seconds, at least 1>`.
+fn policy_header(requests: NonZeroU32, per: Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("{requests};w={}", ceil_secs(per).max(1)))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// A usable key from header `name`: present, visible ASCII, not blank; cut to
@@ -175,13 +263,13 @@ mod tests {
         let limiter = three_per_minute(LimitKey::ClientIp);
         let none = HeaderMap::new();
         for remaining in [2, 1, 0] {
-            let h = limiter.check(&none, A).unwrap();
+            let h = limiter.check(&none, A).await.unwrap();
             assert_eq!(num(&h, &RATELIMIT_LIMIT), 3);
             assert_eq!(num(&h, &RATELIMIT_REMAINING), remaining);
             assert!((1..=60).contains(&num(&h, &RATELIMIT_RESET)));
             assert_eq!(h[RATELIMIT_POLICY], "3;w=60");
         }
-        let res = limiter.check(&none, A).unwrap_err();
+        let res = limiter.check(&none, A).await.unwrap_err();
         assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
         let h = res.headers().clone();
         let retry_after = num(&h, &RETRY_AFTER);
@@ -193,80 +281,85 @@ mod tests {
         assert_eq!(body, r#"{"error":"Too many requests"}"#);
     }
 
-    #[test]
-    fn keys_are_independent() {
+    #[tokio::test]
+    async fn keys_are_independent() {
         let limiter = three_per_minute(LimitKey::ClientIp);
         let none = HeaderMap::new();
         for _ in 0..3 {
-            limiter.check(&none, A).unwrap();
+            limiter.check(&none, A).await.unwrap();
         }
-        assert!(limiter.check(&none, A).is_err());
-        assert!(limiter.check(&none, B).is_ok());
+        assert!(limiter.check(&none, A).await.is_err());
+        assert!(limiter.check(&none, B).await.is_ok());
         assert_eq!(limiter.tracked_keys(), 2);
     }
 
-    #[test]
-    fn mapped_ipv6_counts_as_its_ipv4() {
+    #[tokio::test]
+    async fn mapped_ipv6_counts_as_its_ipv4() {
         let limiter = three_per_minute(LimitKey::ClientIp);
         let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped());
         let none = HeaderMap::new();
         for _ in 0..3 {
-            limiter.check(&none, mapped).unwrap();
+            limiter.check(&none, mapped).await.unwrap();
         }
-        assert!(limiter.check(&none, A).is_err());
+        assert!(limiter.check(&none, A).await.is_err());
         assert!(
             limiter
                 .check(&none, IpAddr::V6(Ipv6Addr::LOCALHOST))
+                .await
                 .is_ok()
         );
     }
 
-    #[test]
-    fn header_key_counts_by_value_and_falls_back_to_the_ip() {
+    #[tokio::test]
+    async fn header_key_counts_by_value_and_falls_back_to_the_ip() {
         let limiter = three_per_minute(LimitKey::Header(HeaderName::from_static("x-tenant")));
         let acme = headers(&[("x-tenant", "acme")]);
         for _ in 0..3 {
             // Different peers, one tenant: one bucket.
-            limiter.check(&acme, B).unwrap();
+            limiter.check(&acme, B).await.unwrap();
         }
-        assert!(limiter.check(&acme, A).is_err());
+        assert!(limiter.check(&acme, A).await.is_err());
         assert!(
             limiter
                 .check(&headers(&[("x-tenant", "globex")]), A)
+                .await
                 .is_ok()
         );
         // No header, or a blank one: counted by IP, apart from the tenants.
         let none = HeaderMap::new();
-        limiter.check(&none, A).unwrap();
-        limiter.check(&headers(&[("x-tenant", "  ")]), A).unwrap();
-        limiter.check(&none, A).unwrap();
-        assert!(limiter.check(&none, A).is_err());
-        assert!(limiter.check(&none, B).is_ok());
+        limiter.check(&none, A).await.unwrap();
+        limiter
+            .check(&headers(&[("x-tenant", "  ")]), A)
+            .await
+            .unwrap();
+        limiter.check(&none, A).await.unwrap();
+        assert!(limiter.check(&none, A).await.is_err());
+        assert!(limiter.check(&none, B).await.is_ok());
     }
 
-    #[test]
-    fn a_header_value_cannot_borrow_an_ip_bucket() {
+    #[tokio::test]
+    async fn a_header_value_cannot_borrow_an_ip_bucket() {
         let limiter = three_per_minute(LimitKey::ApiKey);
         let spoof = headers(&[("x-api-key", "10.0.0.1")]);
         for _ in 0..3 {
-            limiter.check(&spoof, B).unwrap();
+            limiter.check(&spoof, B).await.unwrap();
         }
-        assert!(limiter.check(&HeaderMap::new(), A).is_ok());
+        assert!(limiter.check(&HeaderMap::new(), A).await.is_ok());
     }
 
-    #[test]
-    fn api_key_falls_back_to_the_client_ip() {
+    #[tokio::test]
+    async fn api_key_falls_back_to_the_client_ip() {
         let limiter = three_per_minute(LimitKey::ApiKey);
         let key = headers(&[("x-api-key", "k1")]);
         for _ in 0..3 {
-            limiter.check(&key, A).unwrap();
+            limiter.check(&key, A).await.unwrap();
         }
-        assert!(limiter.check(&key, B).is_err());
-        assert!(limiter.check(&HeaderMap::new(), A).is_ok());
+        assert!(limiter.check(&key, B).await.is_err());
+        assert!(limiter.check(&HeaderMap::new(), A).await.is_ok());
     }
 
-    #[test]
-    fn long_header_values_share_their_prefix_bucket() {
+    #[tokio::test]
+    async fn long_header_values_share_their_prefix_bucket() {
         let limiter = three_per_minute(LimitKey::ApiKey);
         let long = |last: char| {
             let mut h = HeaderMap::new();
@@ -275,15 +368,15 @@ mod tests {
             h
         };
         for _ in 0..3 {
-            limiter.check(&long('a'), A).unwrap();
+            limiter.check(&long('a'), A).await.unwrap();
         }
-        assert!(limiter.check(&long('b'), B).is_err());
+        assert!(limiter.check(&long('b'), B).await.is_err());
     }
 
-    #[test]
-    fn retain_recent_keeps_active_keys() {
+    #[tokio::test]
+    async fn retain_recent_keeps_active_keys() {
         let limiter = three_per_minute(LimitKey::ClientIp);
-        limiter.check(&HeaderMap::new(), A).unwrap();
+        limiter.check(&HeaderMap::new(), A).await.unwrap();
         limiter.retain_recent();
         assert_eq!(limiter.tracked_keys(), 1);
     }
@@ -296,14 +389,14 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_millis(2001)), 3);
     }
 
-    #[test]
-    fn sub_second_windows_advertise_one_second() {
+    #[tokio::test]
+    async fn sub_second_windows_advertise_one_second() {
         let limiter = RouteLimiter::new(
             NonZeroU32::new(5).unwrap(),
             Duration::from_millis(100),
             LimitKey::ClientIp,
         );
-        let h = limiter.check(&HeaderMap::new(), A).unwrap();
+        let h = limiter.check(&HeaderMap::new(), A).await.unwrap();
         assert_eq!(h[RATELIMIT_POLICY], "5;w=1");
     }
 }

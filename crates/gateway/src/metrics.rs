@@ -5,11 +5,14 @@
 //! values as one string: after a label set's first use, recording is one uncontended
 //! read lock, one hash and an atomic add, with no allocation (composite keys are built in
 //! a per-thread buffer). The prometheus-client `Family` is only touched the first time a
-//! label set is seen.
+//! label set is seen. The two per-request records ([`Metrics::request`] and
+//! [`Metrics::attempt`]) go one step further: each thread keeps the handles it used last
+//! ([`HotHandles`]), found by comparing label values, with no lock and no hashing.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -105,6 +108,11 @@ struct BreakerStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedisLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CacheLabels {
     route: String,
     result: &'static str,
@@ -143,22 +151,69 @@ impl<M> std::fmt::Debug for Handles<M> {
 
 impl<M> Handles<M> {
     /// Runs `record` on the handle for `key`, creating it with `create` the first time.
-    fn with(&self, key: &str, create: impl FnOnce() -> M, record: impl FnOnce(&M)) {
+    fn with<R>(&self, key: &str, create: impl FnOnce() -> M, record: impl FnOnce(&M) -> R) -> R {
         // A poisoned table is still a valid map: every write is a single insert.
         {
             let read = self.by_key.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(handle) = read.get(key) {
-                record(handle);
-                return;
+                return record(handle);
             }
         }
         let mut write = self.by_key.write().unwrap_or_else(PoisonError::into_inner);
-        record(write.entry(key.into()).or_insert_with(create));
+        record(write.entry(key.into()).or_insert_with(create))
     }
 }
 
 thread_local! {
     static KEY_BUFFER: RefCell<String> = const { RefCell::new(String::new()) };
+    static HOT: RefCell<HotHandles> = const { RefCell::new(HotHandles::new()) };
+}
+
+/// Label sets a thread keeps the handles of, per kind; past this the list starts over
+/// (a gateway sees a few dozen routes x statuses, not thousands).
+const HOT_MAX: usize = 64;
+
+/// Gives each [`Metrics`] an id, so that a thread's [`HotHandles`] never hand one
+/// registry's series to another (tests build many).
+static NEXT_METRICS_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One thread's most used request and attempt handles: found by comparing the label
+/// values, without the shared table's lock and hash.
+struct HotHandles {
+    requests: Vec<HotRequest>,
+    attempts: Vec<HotAttempt>,
+}
+
+struct HotRequest {
+    metrics: u64,
+    status: u16,
+    method: &'static str,
+    route: Box<str>,
+    count: Counter,
+    duration: Histogram,
+}
+
+struct HotAttempt {
+    metrics: u64,
+    outcome: &'static str,
+    service: Box<str>,
+    instance: Box<str>,
+    count: Counter,
+    duration: Histogram,
+}
+
+impl HotHandles {
+    const fn new() -> Self {
+        Self {
+            requests: Vec::new(),
+            attempts: Vec::new(),
+        }
+    }
+}
+
+/// Runs `f` on this thread's hot handles; `None` if they are in use (re-entered).
+fn with_hot<R>(f: impl FnOnce(&mut HotHandles) -> R) -> Option<R> {
+    HOT.with(|hot| hot.try_borrow_mut().ok().map(|mut hot| f(&mut hot)))
 }
 
 /// Calls `f` with one string that stands for `parts` and no other list: each part is
@@ -212,6 +267,7 @@ fn seconds(elapsed: Duration) -> f64 {
 /// `Arc<Metrics>`; every method takes `&self` and is callable from any thread.
 #[derive(Debug)]
 pub struct Metrics {
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     requests_by_key: Handles<Counter>,
@@ -237,6 +293,7 @@ pub struct Metrics {
     rate_limited_by_route: Handles<Counter>,
     cache: Family<CacheLabels, Counter>,
     cache_by_route: Handles<[Counter; 2]>,
+    redis_fallbacks: Family<RedisLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -256,6 +313,10 @@ impl Metrics {
     /// A registry with every family registered and no series yet.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("breakwater_gateway");
+        // OTLP export's own figures (spans exported, dropped), when it is on.
+        if let Some(tracer) = breakwater_runtime::otlp::Tracer::global() {
+            tracer.register(&mut registry);
+        }
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -328,7 +389,15 @@ impl Metrics {
             "Response cache lookups, by route and result (hit or miss)",
             cache.clone(),
         );
+        let redis_fallbacks = Family::<RedisLabels, Counter>::default();
+        registry.register(
+            "redis_fallbacks",
+            "Rate-limit decisions and cache lookups made without Redis because it failed or \
+             was too slow, by kind (rate_limit, cache)",
+            redis_fallbacks.clone(),
+        );
         Self {
+            id: NEXT_METRICS_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             requests_by_key: Handles::default(),
@@ -354,15 +423,38 @@ impl Metrics {
             rate_limited_by_route: Handles::default(),
             cache,
             cache_by_route: Handles::default(),
+            redis_fallbacks,
         }
+    }
+
+    /// The counter of `redis_fallbacks_total{kind}`, for the part that meets Redis
+    /// (`rate_limit` or `cache`) to count on without a lookup per event.
+    pub fn redis_fallbacks(&self, kind: &'static str) -> Counter {
+        self.redis_fallbacks
+            .get_or_create_owned(&RedisLabels { kind })
     }
 
     /// One answered request: `requests_total{route,method,status}` and
     /// `request_duration_seconds{route}`.
     pub fn request(&self, route: &str, method: &Method, status: u16, elapsed: Duration) {
         let method = method_label(method);
+        let recorded = with_hot(|hot| {
+            let found = hot.requests.iter().find(|h| {
+                h.metrics == self.id
+                    && h.status == status
+                    && h.method == method
+                    && *h.route == *route
+            })?;
+            found.count.inc();
+            found.duration.observe(seconds(elapsed));
+            Some(())
+        })
+        .flatten();
+        if recorded.is_some() {
+            return;
+        }
         let digits = itoa_u16(status);
-        with_key(&[route, method, digits.as_str()], |key| {
+        let count = with_key(&[route, method, digits.as_str()], |key| {
             self.requests_by_key.with(
                 key,
                 || {
@@ -372,20 +464,33 @@ impl Metrics {
                         status,
                     })
                 },
-                |c| {
-                    c.inc();
-                },
-            );
+                Counter::clone,
+            )
         });
-        self.request_duration_by_route.with(
+        let duration = self.request_duration_by_route.with(
             route,
             || {
                 self.request_duration.get_or_create_owned(&RouteLabels {
                     route: route.to_owned(),
                 })
             },
-            |h| h.observe(seconds(elapsed)),
+            Histogram::clone,
         );
+        count.inc();
+        duration.observe(seconds(elapsed));
+        with_hot(|hot| {
+            if hot.requests.len() >= HOT_MAX {
+                hot.requests.clear();
+            }
+            hot.requests.push(HotRequest {
+                metrics: self.id,
+                status,
+                method,
+                route: route.into(),
+                count,
+                duration,
+            });
+        });
     }
 
     /// One upstream attempt: `upstream_attempts_total{service,instance,outcome}` and
@@ -398,7 +503,22 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let outcome = outcome.as_str();
-        with_key(&[service, instance, outcome], |key| {
+        let recorded = with_hot(|hot| {
+            let found = hot.attempts.iter().find(|h| {
+                h.metrics == self.id
+                    && h.outcome == outcome
+                    && *h.instance == *instance
+                    && *h.service == *service
+            })?;
+            found.count.inc();
+            found.duration.observe(seconds(elapsed));
+            Some(())
+        })
+        .flatten();
+        if recorded.is_some() {
+            return;
+        }
+        let count = with_key(&[service, instance, outcome], |key| {
             self.attempts_by_key.with(
                 key,
                 || {
@@ -408,20 +528,33 @@ impl Metrics {
                         outcome,
                     })
                 },
-                |c| {
-                    c.inc();
-                },
-            );
+                Counter::clone,
+            )
         });
-        self.upstream_duration_by_service.with(
+        let duration = self.upstream_duration_by_service.with(
             service,
             || {
                 self.upstream_duration.get_or_create_owned(&ServiceLabels {
                     service: service.to_owned(),
                 })
             },
-            |h| h.observe(seconds(elapsed)),
+            Histogram::clone,
         );
+        count.inc();
+        duration.observe(seconds(elapsed));
+        with_hot(|hot| {
+            if hot.attempts.len() >= HOT_MAX {
+                hot.attempts.clear();
+            }
+            hot.attempts.push(HotAttempt {
+                metrics: self.id,
+                outcome,
+                service: service.into(),
+                instance: instance.into(),
+                count,
+                duration,
+            });
+        });
     }
 
     /// One retry sent: `retries_total{service}`.

@@ -10,6 +10,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use breakwater_resilience::breaker::BreakerConfig;
+use breakwater_resilience::redis_limit::FailMode;
 use breakwater_resilience::retry::Backoff;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -122,6 +123,9 @@ pub struct RateLimitSettings {
     pub per: Duration,
     /// What a client is told apart by.
     pub key: RateKey,
+    /// What decides while the gateway's Redis (when it has one) fails or is too slow:
+    /// this gateway's local limit ([`FailMode::Open`]) or a refusal ([`FailMode::Closed`]).
+    pub on_redis_error: FailMode,
 }
 
 /// What a rate limit counts per.

@@ -8,8 +8,8 @@ use http::Method;
 use http::uri::PathAndQuery;
 
 use crate::config::{FileConfig, RouteSpec};
-use crate::limit::LimitKey;
-use crate::policy::{Policy, RateKey};
+use crate::limit::{LimitKey, RouteLimiter, SharedLimits};
+use crate::policy::{Policy, RateKey, RateLimitSettings};
 use crate::upstream::{Upstream, Upstreams};
 
 /// One route, ready to serve.
@@ -66,7 +66,13 @@ impl RouteTable {
     /// Builds the table for `file`, getting (or creating) each service's upstream state
     /// from `upstreams`, and keeping a route's rate limiter from `previous` when the
     /// same prefix has the same limit (so a reload does not hand out fresh bursts).
-    pub fn build(file: FileConfig, upstreams: &Upstreams, previous: Option<&RouteTable>) -> Self {
+    /// With `shared`, rate limits are kept in Redis for every gateway on its prefix.
+    pub fn build(
+        file: FileConfig,
+        upstreams: &Upstreams,
+        previous: Option<&RouteTable>,
+        shared: Option<&SharedLimits>,
+    ) -> Self {
         let file = Arc::new(file);
         let mut routes: Vec<Arc<Route>> = file
             .routes
@@ -84,11 +90,7 @@ impl RouteTable {
                 let limiter = match (&spec.policy.rate_limit, kept) {
                     (None, _) => None,
                     (Some(_), Some(old)) if old.limiter.is_some() => old.limiter.clone(),
-                    (Some(limit), _) => Some(Arc::new(crate::limit::RouteLimiter::new(
-                        limit.requests,
-                        limit.per,
-                        limit_key(&limit.key),
-                    ))),
+                    (Some(limit), _) => Some(Arc::new(route_limiter(&spec.prefix, limit, shared))),
                 };
                 Arc::new(Route {
                     index,
@@ -138,6 +140,32 @@ impl RouteTable {
     pub fn file(&self) -> &FileConfig {
         &self.file
     }
+}
+
+/// A route's limiter: in Redis when the gateway has it, else local. A limit the shared
+/// limiter refuses (config validation rules those out) stays local, loudly.
+fn route_limiter(
+    route: &str,
+    limit: &RateLimitSettings,
+    shared: Option<&SharedLimits>,
+) -> RouteLimiter {
+    let key = limit_key(&limit.key);
+    if let Some(shared) = shared {
+        match RouteLimiter::shared(
+            limit.requests,
+            limit.per,
+            key.clone(),
+            route,
+            limit.on_redis_error,
+            shared,
+        ) {
+            Ok(limiter) => return limiter,
+            Err(e) => {
+                tracing::error!(route, error = %e, "rate limit cannot be shared in Redis; limiting locally");
+            }
+        }
+    }
+    RouteLimiter::new(limit.requests, limit.per, key)
 }
 
 fn limit_key(key: &RateKey) -> LimitKey {

@@ -24,14 +24,15 @@ use tokio::time::Instant;
 use tower::ServiceExt as _;
 use tower_http::cors::CorsLayer;
 
-use crate::cache::ResponseCache;
+use crate::cache::{RedisLevel, ResponseCache};
 use crate::compose;
 use crate::config::{ConfigError, FileConfig, GatewayConfig};
 use crate::dashboard;
 use crate::errors;
 use crate::events::{Event, EventHub};
-use crate::forward::{self, UpstreamClient};
+use crate::forward::{self, ClientBody};
 use crate::health::{self, GATEWAY_SERVICE};
+use crate::limit::SharedLimits;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::route::{RouteMatch, RouteTable};
@@ -60,6 +61,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     events: Arc<EventHub>,
     cache: ResponseCache,
+    /// Where rate limits are shared, when the gateway has Redis.
+    shared_limits: Option<SharedLimits>,
     dashboard_page: String,
     /// Serialises reloads, so two at once cannot interleave their table builds.
     reloading: tokio::sync::Mutex<()>,
@@ -91,7 +94,8 @@ impl GatewayState {
             events: Arc::clone(&events),
         });
         let upstreams = Upstreams::new(observer);
-        let routes = RouteTable::build(file, &upstreams, None);
+        let (shared_limits, cache) = redis_parts(&config, &metrics);
+        let routes = RouteTable::build(file, &upstreams, None, shared_limits.as_ref());
         let dashboard_page = dashboard::render(&config);
         Self {
             inner: Arc::new(Shared {
@@ -101,7 +105,8 @@ impl GatewayState {
                 routes: ArcSwap::from_pointee(routes),
                 metrics,
                 events,
-                cache: ResponseCache::new(CACHE_ENTRIES, CACHE_MAX_BODY),
+                cache,
+                shared_limits,
                 dashboard_page,
                 reloading: tokio::sync::Mutex::new(()),
             }),
@@ -116,11 +121,6 @@ impl GatewayState {
     /// Service discovery (registry client and cache).
     pub fn discovery(&self) -> &Discovery {
         &self.inner.discovery
-    }
-
-    /// The pooled upstream client of the calling thread (see [`forward::thread_client`]).
-    pub fn client(&self) -> UpstreamClient {
-        forward::thread_client()
     }
 
     /// The route table in force. A request keeps the one it started with.
@@ -215,7 +215,12 @@ impl GatewayState {
             }
         };
         let previous = self.inner.routes.load_full();
-        let table = RouteTable::build(file, &self.inner.upstreams, Some(&previous));
+        let table = RouteTable::build(
+            file,
+            &self.inner.upstreams,
+            Some(&previous),
+            self.inner.shared_limits.as_ref(),
+        );
         let summary = ReloadSummary {
             source,
             routes: table.routes().len(),
@@ -239,6 +244,37 @@ impl GatewayState {
             .as_ref()
             .map_or_else(|| "embedded".to_owned(), |p| p.display().to_string())
     }
+}
+
+/// With `config.redis_url`: where rate limits are shared, and the response cache with
+/// Redis as its second level (keys `<redis_prefix>:limit:...` and `...:cache:...`).
+/// Without: neither, and a local cache.
+fn redis_parts(config: &GatewayConfig, metrics: &Metrics) -> (Option<SharedLimits>, ResponseCache) {
+    let local = ResponseCache::new(CACHE_ENTRIES, CACHE_MAX_BODY);
+    let Some(url) = &config.redis_url else {
+        return (None, local);
+    };
+    let limits = SharedLimits {
+        url: url.clone(),
+        prefix: format!("{}:limit", config.redis_prefix),
+        timeout: config.redis_timeout,
+        fallbacks: metrics.redis_fallbacks("rate_limit"),
+    };
+    let level = RedisLevel::new(
+        url,
+        format!("{}:cache", config.redis_prefix),
+        config.redis_timeout,
+        metrics.redis_fallbacks("cache"),
+    );
+    let cache = match level {
+        Ok(level) => local.with_redis(level),
+        // `GatewayConfig::validate` has parsed the URL, so this is not expected.
+        Err(e) => {
+            tracing::error!(error = %e, "response cache: cannot use Redis; caching locally only");
+            local
+        }
+    };
+    (Some(limits), cache)
 }
 
 /// What a successful reload loaded.
@@ -351,16 +387,28 @@ impl Front {
         Self { state, router }
     }
 
-    /// Answers `req` from the client at `peer`.
-    pub async fn handle<B>(self, req: hyper::Request<B>, peer: SocketAddr) -> Response
+    /// Answers `req` from the client at `peer`. A proxied answer's body is the
+    /// upstream's stream itself, not boxed.
+    pub async fn handle<B>(
+        &self,
+        req: hyper::Request<B>,
+        peer: SocketAddr,
+    ) -> hyper::Response<ClientBody>
     where
-        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<axum::BoxError>,
     {
         let route = if gateway_path(req.uri().path()) {
             None
         } else {
-            match self.state.routes().find(req.method(), req.uri().path()) {
+            // A guard, not a clone of the table's `Arc`: only the route's count moves.
+            match self
+                .state
+                .inner
+                .routes
+                .load()
+                .find(req.method(), req.uri().path())
+            {
                 RouteMatch::Found(route) => Some(Arc::clone(route)),
                 RouteMatch::WrongMethod | RouteMatch::NotFound => None,
             }
@@ -368,17 +416,18 @@ impl Front {
         let Some(route) = route else {
             let mut req = req.map(Body::new);
             req.extensions_mut().insert(ConnectInfo(peer));
-            return match self.router.oneshot(req).await {
-                Ok(res) => res,
+            return match self.router.clone().oneshot(req).await {
+                Ok(res) => res.map(ClientBody::Other),
                 Err(never) => match never {},
             };
         };
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let id = forward::request_id_of(&mut parts.headers);
-        parts.extensions.insert(ConnectInfo(peer));
         let method = parts.method.clone();
-        let mut res = stack::serve(&self.state, &route, parts, Body::new(body)).await;
+        // The peer goes along as an argument: in the request's extensions it would cost
+        // a map allocation per request.
+        let mut res = stack::serve(&self.state, &route, parts, body, Some(peer)).await;
         res.headers_mut().insert(forward::REQUEST_ID, id);
         self.state.metrics().request(
             &route.label,
@@ -387,6 +436,18 @@ impl Front {
             started.elapsed(),
         );
         res
+    }
+}
+
+/// A [`Front`] of one worker thread: `serve_per_core_with` clones the per-connection
+/// maker once per worker, and this clone makes a new `Arc`, so the clone each request
+/// takes touches a count that no other thread writes (a shared one would bounce
+/// between cores on every request).
+struct PerThread(Arc<Front>);
+
+impl Clone for PerThread {
+    fn clone(&self) -> Self {
+        Self(Arc::new(Front::clone(&self.0)))
     }
 }
 
@@ -501,11 +562,11 @@ pub async fn run(
     spawn_limiter_sweep(state.clone(), background.clone());
 
     let workers = std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
-    let front = Front::new(state.clone());
+    let front = PerThread(Arc::new(Front::new(state.clone())));
     let per_connection = move |peer: SocketAddr| {
-        let front = front.clone();
+        let front = Arc::clone(&front.0);
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let front = front.clone();
+            let front = Arc::clone(&front);
             async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
         })
     };

@@ -5,19 +5,24 @@
 //! metrics.
 //!
 //! [`proxy`] is the router's fallback for every path the config routes; [`dispatch`]
-//! is the resilient call itself, which the composed endpoints use too.
+//! is the resilient call itself, which the composed endpoints use too. [`serve`] runs
+//! each proxied request inside the gateway's own [`GatewaySpan`] (W3C trace context).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use axum::BoxError;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use breakwater_resilience::breaker::Outcome;
 use breakwater_resilience::deadline::Deadline;
 use breakwater_resilience::retry::{Decision, GiveUpReason, RetryPolicy};
+use breakwater_runtime::observe::{self, TraceContext};
+use breakwater_runtime::otlp::{SpanTimer, Tracer};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -27,7 +32,7 @@ use crate::balance::{self, Tried};
 use crate::cache::{CacheStatus, CachedResponse, ResponseCache};
 use crate::classify::{self, AttemptKind, Classified};
 use crate::errors::{self, GatewayError};
-use crate::forward::{self, Outbound, TryError};
+use crate::forward::{self, ClientBody, Outbound, TRACEPARENT, TryError};
 use crate::metrics::AttemptOutcome;
 use crate::policy::Policy;
 use crate::route::{Route, RouteMatch};
@@ -48,6 +53,46 @@ const MAX_CACHEABLE_READ: usize = 16 << 20;
 #[derive(Debug, Clone)]
 pub struct RouteLabel(pub Arc<str>);
 
+/// A proxied request's response: the upstream's body unboxed, or the gateway's own.
+pub type ProxyResponse = hyper::Response<ClientBody>;
+
+/// The gateway's own span of one proxied request, in W3C trace context: a child of the
+/// caller's span when the request carried a valid `traceparent`, else the root of a
+/// new (sampled) trace. The upstream gets `traceparent` naming this span as its parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewaySpan {
+    /// The trace id (the caller's, or new) and the gateway's own span id.
+    pub context: TraceContext,
+    /// The caller's span id, when it sent a valid `traceparent`.
+    pub parent_span_id: Option<u64>,
+    /// When the gateway took the request (wall clock, as spans are exported).
+    pub started: SystemTime,
+}
+
+impl GatewaySpan {
+    /// The span of a request with `headers`, starting now.
+    pub fn start(headers: &HeaderMap) -> Self {
+        let parent = headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse);
+        let (context, parent_span_id) = match parent {
+            Some(parent) => (parent.child(), Some(parent.span_id)),
+            None => (TraceContext::new_root(), None),
+        };
+        Self {
+            context,
+            parent_span_id,
+            started: SystemTime::now(),
+        }
+    }
+}
+
+/// A response made by the gateway itself (errors, fallbacks, cached answers).
+fn own(res: Response) -> ProxyResponse {
+    res.map(ClientBody::Other)
+}
+
 /// The router's fallback: matches the route table and serves the route, or answers
 /// 404 / 405.
 pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response {
@@ -59,34 +104,72 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
         RouteMatch::NotFound => return errors::no_route(parts.method, parts.uri).await,
     };
     drop(table);
-    let mut res = serve(&state, &route, parts, body).await;
-    res.extensions_mut()
-        .insert(RouteLabel(Arc::clone(&route.label)));
-    res
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let (mut head, body) = serve(&state, &route, parts, body, peer).await.into_parts();
+    head.extensions.insert(RouteLabel(Arc::clone(&route.label)));
+    Response::from_parts(head, body.into_axum())
 }
 
-/// Serves a request already matched to `route` (the router's fallback, or the front's
-/// fast path, [`crate::server::Front`]). The request id is already on `parts`.
-pub async fn serve(
+/// Serves a request from `peer` (when known) already matched to `route` (the router's
+/// fallback, or the front's fast path, [`crate::server::Front`]). The request id is
+/// already on `parts`.
+pub async fn serve<B>(
     state: &GatewayState,
     route: &Route,
     parts: axum::http::request::Parts,
-    body: Body,
-) -> Response {
+    body: B,
+    peer: Option<SocketAddr>,
+) -> ProxyResponse
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    let span = GatewaySpan::start(&parts.headers);
+    // Every way out of the request passes here, with its span complete. Export off
+    // (no tracer installed): this branch is all it costs.
+    let Some(tracer) = Tracer::global().filter(|_| span.context.sampled()) else {
+        return serve_in_span(state, route, parts, body, peer, &span).await;
+    };
+    let method = parts.method.clone();
+    let res = serve_in_span(state, route, parts, body, peer, &span).await;
+    tracer.record(observe::server_span(
+        span.context,
+        span.parent_span_id,
+        SpanTimer::since(span.started),
+        method.as_str(),
+        Some(&route.label),
+        res.status().as_u16(),
+    ));
+    res
+}
+
+async fn serve_in_span<B>(
+    state: &GatewayState,
+    route: &Route,
+    parts: axum::http::request::Parts,
+    body: B,
+    peer: Option<SocketAddr>,
+    span: &GatewaySpan,
+) -> ProxyResponse
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut trace = Trace::from_request(&parts.headers);
     trace.note("route", &route.spec.prefix);
     if forward::has_dot_segment(parts.uri.path()) {
-        return GatewayError::bad_request("Invalid path: dot segments are not allowed")
-            .into_response();
+        return own(
+            GatewayError::bad_request("Invalid path: dot segments are not allowed").into_response(),
+        );
     }
 
     let mut limit_headers = None;
     if let Some(limiter) = &route.limiter {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-        match limiter.check(&parts.headers, peer) {
+        let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+        match limiter.check(&parts.headers, peer).await {
             Ok(headers) => {
                 trace.note("limit", "ok");
                 limit_headers = Some(headers);
@@ -95,7 +178,7 @@ pub async fn serve(
                 state.metrics().rate_limited(&route.label);
                 trace.note("limit", "rejected");
                 trace.finish(res.headers_mut());
-                return res;
+                return own(res);
             }
         }
     }
@@ -114,17 +197,20 @@ pub async fn serve(
     if route.policy().cache.is_some() && cache_ttl.is_none() {
         trace.note("cache", "bypass");
     }
-    let outbound = match Outbound::from_client(parts, body, path).await {
+    let mut outbound = match Outbound::from_client(parts, body, path, peer).await {
         Ok(outbound) => outbound,
-        Err(e) => return e.into_response(),
+        Err(e) => return own(e.into_response()),
     };
+    outbound
+        .headers
+        .insert(TRACEPARENT, forward::traceparent_value(&span.context));
 
     let mut res = match cache_ttl {
-        Some(ttl) => cached(state, route, outbound, ttl, &mut trace).await,
+        Some(ttl) => own(cached(state, route, outbound, ttl, &mut trace).await),
         None => {
             match dispatch(state, &route.upstream, route.policy(), outbound, &mut trace).await {
-                Ok(res) => forward::client_response(res),
-                Err(e) => failure_response(route, e, &mut trace),
+                Ok(res) => forward::proxied_response(res),
+                Err(e) => own(failure_response(route, e, &mut trace)),
             }
         }
     };
@@ -143,7 +229,8 @@ async fn cached(
     ttl: std::time::Duration,
     trace: &mut Trace,
 ) -> Response {
-    let key = format!("{}\n{}", route.spec.prefix, outbound.path_and_query);
+    // `<route>:<upstream path>`: also the tail of the key in Redis (see `cache`).
+    let key = format!("{}:{}", route.spec.prefix, outbound.path_and_query);
     // The fetch's trace comes back through a side slot: the cache's result is shared
     // with coalesced waiters, so it cannot carry one request's trace.
     let slot = std::sync::Mutex::new(None::<Trace>);
@@ -307,15 +394,9 @@ pub async fn dispatch(
         tried.add(pick.index);
         let last_try = attempt >= retry.max_attempts.get() || replay == classify::Replay::Never;
         let in_flight = pick.endpoint.start();
-        let sent = Instant::now();
-        let result = forward::send_once(
-            &state.client(),
-            &pick.endpoint,
-            &mut outbound,
-            try_timeout,
-            last_try,
-        )
-        .await;
+        // Only the breaker and the balancer ran since `now`: no second clock read.
+        let sent = now;
+        let result = forward::send_once(&pick.endpoint, &mut outbound, try_timeout, last_try).await;
         drop(in_flight);
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(sent);

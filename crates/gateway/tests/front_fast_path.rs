@@ -23,7 +23,7 @@ async fn through(front: &Front, req: Request<Body>) -> Reply {
     let res = front.clone().handle(req, peer).await;
     let status = res.status();
     let headers = res.headers().clone();
-    let bytes = axum::body::to_bytes(res.into_body(), 8 << 20)
+    let bytes = axum::body::to_bytes(Body::new(res.into_body()), 8 << 20)
         .await
         .unwrap();
     let text = String::from_utf8_lossy(&bytes).into_owned();
@@ -125,4 +125,85 @@ async fn gateway_paths_and_misses_go_through_the_router() {
         "{}",
         metrics.text
     );
+}
+
+/// Splits a `traceparent` into (trace id, parent span id, flags), checking its form.
+fn traceparent_parts(value: &str) -> (String, String, String) {
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!(parts[0], "00", "{value}");
+    let hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    assert!(hex(parts[1], 32) && parts[1] != "0".repeat(32), "{value}");
+    assert!(hex(parts[2], 16) && parts[2] != "0".repeat(16), "{value}");
+    assert!(hex(parts[3], 2), "{value}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[tokio::test]
+async fn the_gateway_forwards_its_own_span_in_the_callers_trace_or_a_new_one() {
+    let registry = FakeRegistry::start().await;
+    let echo = echo_service("users-a").await;
+    registry.set(USERS, vec![instance(USERS, echo.addr)]);
+    let front = Front::new(gateway_state(&registry.url, Duration::from_secs(10)));
+    let seen = |reply: &Reply| {
+        reply.json["headers"]["traceparent"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // A caller's trace: same trace id and flags, the gateway's own span as the parent.
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let reply = through(
+        &front,
+        Request::get("/users/1")
+            .header("traceparent", caller)
+            .header("tracestate", "vendor=1")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let (trace, span, flags) = traceparent_parts(&seen(&reply));
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(span, "00f067aa0ba902b7");
+    assert_eq!(flags, "00");
+    assert_eq!(reply.json["headers"]["tracestate"], "vendor=1");
+
+    // Each request is its own span.
+    let again = through(
+        &front,
+        Request::get("/users/1")
+            .header("traceparent", caller)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let (trace_again, span_again, _) = traceparent_parts(&seen(&again));
+    assert_eq!(trace_again, trace);
+    assert_ne!(span_again, span);
+
+    // None, or one that is not valid: a new sampled trace.
+    let fresh = through(&front, get("/users/1")).await;
+    let (new_trace, _, new_flags) = traceparent_parts(&seen(&fresh));
+    assert_ne!(new_trace, trace);
+    assert_eq!(new_flags, "01");
+    let invalid = through(
+        &front,
+        Request::get("/users/1")
+            .header(
+                "traceparent",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            )
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let (other_trace, other_span, other_flags) = traceparent_parts(&seen(&invalid));
+    assert_ne!(other_trace, "0".repeat(32));
+    assert_ne!(other_trace, new_trace);
+    assert_ne!(other_span, "00f067aa0ba902b7");
+    assert_eq!(other_flags, "01");
 }

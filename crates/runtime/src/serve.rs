@@ -102,8 +102,10 @@ pub async fn serve_per_core(
 
 /// [`serve_per_core`] with any hyper service instead of an axum router: `per_connection`
 /// makes the service of one accepted connection from its peer address (called on the
-/// worker thread that serves it). For a front that answers its hottest requests itself
-/// and passes the rest to a router, without the router's cost on the hot path.
+/// worker thread that serves it; each worker has its own clone of `per_connection`, so
+/// state it clones per worker stays with that worker). For a front that answers its
+/// hottest requests itself and passes the rest to a router, without the router's cost
+/// on the hot path.
 pub async fn serve_per_core_with<M, S, B>(
     listener: TcpListener,
     per_connection: M,

@@ -6,6 +6,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use breakwater_resilience::breaker::{BreakerConfig, Window};
+use breakwater_resilience::redis_limit::FailMode;
 use breakwater_resilience::retry::Backoff;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -94,6 +95,7 @@ pub fn parse(
 #[serde(deny_unknown_fields)]
 struct RawFile {
     admin: Option<RawAdmin>,
+    redis: Option<RawRedis>,
     defaults: Option<RawPolicy>,
     #[serde(default)]
     routes: Vec<RawRoute>,
@@ -103,6 +105,14 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     token: Option<String>,
+}
+
+/// `[redis]`: how the gateway uses Redis when it has one (`--redis`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    /// The default of every rate limit's `on_redis_error`.
+    rate_limit_on_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +198,7 @@ struct RawRateLimit {
     requests: Option<i64>,
     per: Option<String>,
     key: Option<String>,
+    on_redis_error: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -237,7 +248,12 @@ merge_fields!(RawOutlier {
     max_ejection_time,
     max_ejection_percent,
 });
-merge_fields!(RawRateLimit { requests, per, key });
+merge_fields!(RawRateLimit {
+    requests,
+    per,
+    key,
+    on_redis_error
+});
 merge_fields!(RawCache { ttl });
 merge_fields!(RawFallback {
     status,
@@ -317,8 +333,12 @@ impl RawFile {
             }
             other => other,
         };
+        let on_redis_error = match self.redis.and_then(|r| r.rate_limit_on_error) {
+            None => FailMode::Open,
+            Some(text) => fail_mode("redis.rate_limit_on_error", &text)?,
+        };
         let raw_defaults = self.defaults.unwrap_or_default();
-        let defaults = raw_defaults.clone().validate("defaults")?;
+        let defaults = raw_defaults.clone().validate("defaults", on_redis_error)?;
 
         let mut routes: Vec<RouteSpec> = Vec::with_capacity(self.routes.len());
         // The first route naming each service, by index: its service policy is the one
@@ -326,7 +346,7 @@ impl RawFile {
         let mut service_owner: BTreeMap<String, usize> = BTreeMap::new();
         for (i, raw) in self.routes.into_iter().enumerate() {
             let key = format!("routes[{i}]");
-            let route = raw.validate(&key, &raw_defaults)?;
+            let route = raw.validate(&key, &raw_defaults, on_redis_error)?;
             for (j, earlier) in routes.iter().enumerate() {
                 if earlier.prefix == route.prefix
                     && methods_overlap(&earlier.methods, &route.methods)
@@ -396,7 +416,12 @@ fn methods_overlap(a: &Option<Vec<Method>>, b: &Option<Vec<Method>>) -> bool {
 }
 
 impl RawRoute {
-    fn validate(self, key: &str, defaults: &RawPolicy) -> Result<RouteSpec, ConfigError> {
+    fn validate(
+        self,
+        key: &str,
+        defaults: &RawPolicy,
+        on_redis_error: FailMode,
+    ) -> Result<RouteSpec, ConfigError> {
         let prefix = check_path(&format!("{key}.prefix"), self.prefix)?;
         let service = self.service.trim().to_owned();
         if service.is_empty()
@@ -453,7 +478,7 @@ impl RawRoute {
             .policy
             .unwrap_or_default()
             .merged_over(defaults)
-            .validate(&format!("{key}.policy"))?;
+            .validate(&format!("{key}.policy"), on_redis_error)?;
         Ok(RouteSpec {
             prefix,
             methods,
@@ -492,7 +517,8 @@ fn check_path(key: &str, path: String) -> Result<String, ConfigError> {
 }
 
 impl RawPolicy {
-    fn validate(self, key: &str) -> Result<Policy, ConfigError> {
+    /// `on_redis_error`: the file's default for rate limits that do not set theirs.
+    fn validate(self, key: &str, on_redis_error: FailMode) -> Result<Policy, ConfigError> {
         let balance = match self.balance.as_deref() {
             None | Some("p2c" | "peak-ewma") => BalanceKind::PeakEwma,
             Some("round-robin") => BalanceKind::RoundRobin,
@@ -521,7 +547,7 @@ impl RawPolicy {
             validate_outlier(&format!("{key}.outlier"), self.outlier.unwrap_or_default())?;
         let rate_limit = self
             .rate_limit
-            .map(|r| validate_rate_limit(&format!("{key}.rate_limit"), r))
+            .map(|r| validate_rate_limit(&format!("{key}.rate_limit"), r, on_redis_error))
             .transpose()?;
         let cache = self
             .cache
@@ -758,13 +784,28 @@ fn validate_outlier(key: &str, o: RawOutlier) -> Result<OutlierSettings, ConfigE
     })
 }
 
-fn validate_rate_limit(key: &str, r: RawRateLimit) -> Result<RateLimitSettings, ConfigError> {
+fn validate_rate_limit(
+    key: &str,
+    r: RawRateLimit,
+    on_redis_error: FailMode,
+) -> Result<RateLimitSettings, ConfigError> {
     let k = |field: &str| format!("{key}.{field}");
     let requests = r
         .requests
         .ok_or_else(|| invalid(&k("requests"), "is required"))?;
     let requests = non_zero(&k("requests"), requests)?;
     let per = positive_duration(&k("per"), r.per, Duration::from_secs(1))?;
+    // The shared (Redis) limiter counts whole microseconds per request.
+    if per / requests.get() < Duration::from_micros(1) {
+        return Err(invalid(
+            &k("per"),
+            format!("is too short for {requests} requests (at least 1µs per request)"),
+        ));
+    }
+    let on_redis_error = match r.on_redis_error {
+        None => on_redis_error,
+        Some(text) => fail_mode(&k("on_redis_error"), &text)?,
+    };
     let key_text = r.key.unwrap_or_else(|| "ip".to_owned());
     let limit_key = match key_text.as_str() {
         "ip" => RateKey::ClientIp,
@@ -786,7 +827,20 @@ fn validate_rate_limit(key: &str, r: RawRateLimit) -> Result<RateLimitSettings, 
         requests,
         per,
         key: limit_key,
+        on_redis_error,
     })
+}
+
+/// `fail_open` (decide with the local limit) or `fail_closed` (refuse).
+fn fail_mode(key: &str, text: &str) -> Result<FailMode, ConfigError> {
+    match text {
+        "fail_open" => Ok(FailMode::Open),
+        "fail_closed" => Ok(FailMode::Closed),
+        other => Err(invalid(
+            key,
+            format!("{other:?} is not one of fail_open, fail_closed"),
+        )),
+    }
 }
 
 fn validate_fallback(key: &str, f: RawFallback) -> Result<Fallback, ConfigError> {
@@ -962,6 +1016,18 @@ mod tests {
                 "[defaults.rate_limit]\nper = \"1s\"",
                 "defaults.rate_limit.requests",
             ),
+            (
+                "[defaults.rate_limit]\nrequests = 5\non_redis_error = \"open\"",
+                "defaults.rate_limit.on_redis_error",
+            ),
+            (
+                "[defaults.rate_limit]\nrequests = 2000000\nper = \"1s\"",
+                "defaults.rate_limit.per",
+            ),
+            (
+                "[redis]\nrate_limit_on_error = \"maybe\"",
+                "redis.rate_limit_on_error",
+            ),
             ("[defaults.cache]", "defaults.cache.ttl"),
             (
                 "[defaults.fallback]\nstatus = 42",
@@ -1043,6 +1109,42 @@ mod tests {
             })
         );
         assert_eq!(file.defaults.retries.max_attempts.get(), 4);
+    }
+
+    #[test]
+    fn redis_failure_mode_comes_from_the_route_else_the_redis_table() {
+        let limited = |name: &str, extra: &str| {
+            format!(
+                "[[routes]]\nprefix = \"/{name}\"\nservice = \"{name}\"\n\
+                 [routes.policy.rate_limit]\nrequests = 5\n{extra}"
+            )
+        };
+        let text = format!(
+            "[redis]\nrate_limit_on_error = \"fail_closed\"\n{}{}",
+            limited("a", ""),
+            limited("b", "on_redis_error = \"fail_open\"\n")
+        );
+        let file = parse(&text, "t", None).unwrap();
+        let mode = |i: usize| {
+            file.routes[i]
+                .policy
+                .rate_limit
+                .as_ref()
+                .unwrap()
+                .on_redis_error
+        };
+        assert_eq!((mode(0), mode(1)), (FailMode::Closed, FailMode::Open));
+        let plain = parse(&limited("a", ""), "t", None).unwrap();
+        assert_eq!(
+            plain.routes[0]
+                .policy
+                .rate_limit
+                .as_ref()
+                .unwrap()
+                .on_redis_error,
+            FailMode::Open,
+            "fail_open unless the file says otherwise"
+        );
     }
 
     #[test]
