@@ -47,7 +47,7 @@ try {
 
   step("gateway dashboard: every section loads data");
   await page.goto(gatewayUrl, { waitUntil: "domcontentloaded" });
-  for (const id of ["users", "orders", "users-with-orders", "health", "services", "traffic"]) {
+  for (const id of ["users", "orders", "users-with-orders", "health", "processes", "services", "traffic"]) {
     await page.waitForSelector(`#${id} [data-status] .badge.ok`, { timeout: 15000 });
   }
   assert(await page.locator("#users tbody tr").count() >= 1, "users listed");
@@ -56,6 +56,11 @@ try {
   assert(await page.locator("#health dl").count() === 1, "health shown");
   assert(await page.locator("#services .service").count() >= 1, "services listed");
   assert(await page.locator("#services tr[data-instance]").count() >= 1, "instances listed");
+  assert(await page.locator('#processes tr[data-process][data-state="running"]').count() >= 5,
+    "supervised processes listed as running");
+  await page.waitForFunction(() => /failure \d/.test(document.getElementById("chaos-status").textContent),
+    null, { timeout: 10000 });
+  assert(await page.isVisible("#chaos-apply"), "the unstable control is offered");
   const registryHref = await page.getAttribute("#registry-link", "href");
   assert(registryHref && registryHref.length > 0, "registry dashboard link present");
 
@@ -116,6 +121,46 @@ try {
   }, [service, port], { timeout: 45000, polling: 250 });
   const shown = await seen.jsonValue();
   console.log(`step: instance :${port} of ${service} shows ${shown.state}, breaker ${shown.breakerState}`);
+
+  step("Stop on another users instance: shown as stopped, then down with its breaker state");
+  const target = await page.$$eval("#processes tr[data-process]", (rows, hung) => {
+    const row = rows.find(r => r.dataset.service === "user-service" && r.dataset.state === "running"
+      && r.dataset.port !== hung);
+    return row ? { name: row.dataset.process, port: row.dataset.port } : null;
+  }, port);
+  assert(target, "a running users instance besides the hung one");
+  await page.click(`#processes tr[data-process="${target.name}"] [data-action="stop"]`);
+  await page.waitForSelector(`#processes tr[data-process="${target.name}"][data-state="stopped"]`,
+    { timeout: 30000 });
+  assert(await page.isEnabled(`#processes tr[data-process="${target.name}"] [data-action="start"]`),
+    "a stopped process can be started");
+  assert(await page.isDisabled(`#processes tr[data-process="${target.name}"] [data-action="kill"]`),
+    "a stopped process cannot be killed");
+  const down = await page.waitForFunction(([service, port]) => {
+    const card = document.getElementById(`service-${service}`);
+    const row = card && [...card.querySelectorAll("tr[data-instance]")]
+      .find(r => r.dataset.instance.endsWith(`-${port}`) || r.textContent.includes(`:${port}`));
+    const breaker = document.getElementById(`breaker-${service}`);
+    return row && row.dataset.state === "down" && breaker
+      && ["CLOSED", "OPEN", "HALF_OPEN"].includes(breaker.dataset.breakerState)
+      ? breaker.dataset.breakerState : null;
+  }, [service, target.port], { timeout: 45000, polling: 250 });
+  console.log(`step: ${target.name} (:${target.port}) shows down, breaker ${await down.jsonValue()}`);
+
+  step("unstable's rates: applied, and a bad one refused with unstable's message");
+  const original = await page.inputValue("#chaos-failure");
+  await page.fill("#chaos-failure", "0.5");
+  await page.click("#chaos-apply");
+  await page.waitForFunction(() => /failure 0\.5/.test(document.getElementById("chaos-status").textContent),
+    null, { timeout: 10000 });
+  await page.fill("#chaos-failure", "2");
+  await page.click("#chaos-apply");
+  await page.waitForSelector("#chaos-status .error", { timeout: 10000 });
+  assert((await page.textContent("#chaos-status")).includes("failureRate"), "unstable's validation shown");
+  await page.fill("#chaos-failure", original);
+  await page.click("#chaos-apply");
+  await page.waitForFunction(() => /failure \d/.test(document.getElementById("chaos-status").textContent),
+    null, { timeout: 10000 });
 
   // A few more seconds of chart history before the picture.
   await sleep(4000);

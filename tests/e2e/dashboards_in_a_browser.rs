@@ -1,8 +1,11 @@
 //! Both dashboards in headless Chromium: `up` on free ports, then
 //! `tests/browser/dashboards.mjs` (playwright-core) checks that every gateway section
-//! loads data, that the slider changes the polling rate, that a stopped users instance
-//! shows as down or ejected with its service's breaker state, and that the registry
-//! dashboard lists, registers and removes. It saves screenshots of both dashboards.
+//! loads data, that the slider changes the polling rate, that a hung users instance
+//! shows as down or ejected with its service's breaker state, that clicking Stop on
+//! another users instance in the processes panel (`up`'s control API) shows it stopped
+//! and then down in the services section, that unstable's rates can be applied (and a
+//! bad one is refused with unstable's message), and that the registry dashboard lists,
+//! registers and removes. It saves screenshots of both dashboards.
 //!
 //! The instance is stopped with SIGSTOP, not killed: `up` would restart a killed one at
 //! once, while a stopped one keeps its port open and answers nothing, which is the

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 /// Every port flag of `up`, each given 0 (a free port).
-pub(crate) const FREE_PORTS: [&str; 7] = [
+pub(crate) const FREE_PORTS: [&str; 8] = [
     "--registry-port",
     "--gateway-port",
     "--users-port",
@@ -21,6 +21,7 @@ pub(crate) const FREE_PORTS: [&str; 7] = [
     "--analytics-port",
     "--data-port",
     "--unstable-port",
+    "--control-port",
 ];
 
 /// The running `up` process, its data directory and its captured output. Dropping it
@@ -36,6 +37,11 @@ pub(crate) struct System {
 impl System {
     /// Starts `up` on free ports in a fresh data directory.
     pub(crate) fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`System::start`] with more arguments for `up` (e.g. `--redis URL`).
+    pub(crate) fn start_with(extra: &[String]) -> Self {
         let data_dir = std::env::temp_dir().join(format!(
             "breakwater-e2e-{}-{}",
             std::process::id(),
@@ -50,6 +56,7 @@ impl System {
             .args(FREE_PORTS.iter().flat_map(|flag| [*flag, "0"]))
             .args(["--heartbeat-interval", "1", "--data-dir"])
             .arg(&data_dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::system::{System, pids, port_of, url_of};
 
-async fn call(
+pub(crate) async fn call(
     http: &reqwest::Client,
     method: &str,
     url: &str,
@@ -37,7 +37,7 @@ async fn call(
     )
 }
 
-async fn check_contracts(http: &reqwest::Client, gw: &str, registry: &str) {
+pub(crate) async fn check_contracts(http: &reqwest::Client, gw: &str, registry: &str) {
     // Gateway.
     let (s, health) = call(http, "GET", &format!("{gw}/health"), None).await;
     assert_eq!(s, 200, "{health}");
@@ -177,7 +177,7 @@ async fn check_contracts(http: &reqwest::Client, gw: &str, registry: &str) {
 
 /// Analytics, data and unstable (CONTRACTS.md), through the gateway. Unstable's chaos is
 /// turned off first so that the answers are deterministic.
-async fn check_more_contracts(http: &reqwest::Client, gw: &str, unstable: &str) {
+pub(crate) async fn check_more_contracts(http: &reqwest::Client, gw: &str, unstable: &str) {
     let calm = json!({"failureRate": 0.0, "delayRate": 0.0});
     let res = http
         .put(format!("{unstable}/chaos"))

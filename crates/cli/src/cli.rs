@@ -35,6 +35,8 @@ pub enum Command {
     Service(ServiceArgs),
     /// Load-test an HTTP endpoint (autocannon-style; seed 001's stress test).
     Bench(crate::loadgen::BenchArgs),
+    /// Run the learning and failure scenarios against a system (`list` names them).
+    Scenario(crate::scenario::ScenarioArgs),
 }
 
 /// Where a component listens.
@@ -99,6 +101,20 @@ pub struct GatewayArgs {
     /// registry URL).
     #[arg(long)]
     pub registry_dashboard: Option<String>,
+    /// Base URL of `breakwater up`'s control API, served under `/admin/control` (so the
+    /// dashboard can stop, start and kill processes). `up` sets it.
+    #[arg(long)]
+    pub control_url: Option<String>,
+    /// Redis (redis://host:port/db) for rate limits shared by every gateway and a shared
+    /// second level of the response cache. Default: both local.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis: Option<String>,
+    /// Key prefix in Redis (gateways that share it share limits and cached responses).
+    #[arg(long, default_value = "breakwater:gateway")]
+    pub redis_prefix: String,
+    /// Bound on one Redis call of a request (past it the gateway decides without Redis).
+    #[arg(long, default_value = "100ms", value_parser = humantime_duration)]
+    pub redis_timeout: std::time::Duration,
 }
 
 /// `breakwater service <name>`.
@@ -112,9 +128,9 @@ pub struct ServiceArgs {
 #[derive(Debug, Subcommand)]
 pub enum ServiceCommand {
     /// The users service (CRUD over users; default port 4000).
-    Users(ServiceCommon),
+    Users(PublisherArgs),
     /// The orders service (orders by user, create; default port 5000).
-    Orders(ServiceCommon),
+    Orders(PublisherArgs),
     /// The analytics service (seed 004: metrics, summary cache, rate limit, breaker;
     /// default port 6000, or $PORT).
     Analytics(AnalyticsArgs),
@@ -142,6 +158,20 @@ pub struct ServiceCommon {
     /// SQLite file.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database: Option<String>,
+}
+
+/// `breakwater service users|orders`: services whose changes emit events.
+#[derive(Debug, Args)]
+pub struct PublisherArgs {
+    #[command(flatten)]
+    pub common: ServiceCommon,
+    /// Publish events to Redis Streams (`<events-prefix>:events:<type>`) instead of
+    /// POSTing them to their consumer found through discovery.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis: Option<String>,
+    /// Start of the event streams' keys (publishers and consumers must agree).
+    #[arg(long, default_value = "breakwater")]
+    pub events_prefix: String,
 }
 
 /// `breakwater service analytics`. Flags override the seed's environment variables
@@ -178,6 +208,10 @@ pub struct AnalyticsArgs {
     /// Key prefix in Redis.
     #[arg(long)]
     pub redis_prefix: Option<String>,
+    /// Start of the event streams' keys: with Redis, analytics consumes
+    /// `<events-prefix>:events:order.created` with a consumer group.
+    #[arg(long, default_value = "breakwater")]
+    pub events_prefix: String,
 }
 
 /// `breakwater service data`.
@@ -207,6 +241,10 @@ pub struct DataArgs {
     /// shard (comma-separated or repeated). Default: SQLite shard files.
     #[arg(long = "redis", env = "REDIS_URL", value_delimiter = ',')]
     pub redis: Vec<String>,
+    /// Keep records in one Redis Cluster instead: the URL of one or more of its nodes
+    /// (comma-separated or repeated), holding --shards logical shards, each in one slot.
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
     /// Key prefix in Redis.
     #[arg(long, default_value = "breakwater:data")]
     pub redis_prefix: String,
@@ -270,6 +308,10 @@ pub struct UpArgs {
     /// Unstable (the fault-injecting external dependency) port.
     #[arg(long, default_value_t = 9000)]
     pub unstable_port: u16,
+    /// Port of `up`'s control API (stop, start or kill a process; set unstable's chaos),
+    /// on the --bind address.
+    #[arg(long, default_value_t = 8001)]
+    pub control_port: u16,
     /// Number of unstable instances (0 leaves it out).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
     pub unstable: u16,
@@ -283,10 +325,19 @@ pub struct UpArgs {
     /// $XDG_DATA_HOME/breakwater or ~/.local/share/breakwater).
     #[arg(long, env = "BREAKWATER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Shared state in Redis (redis://host:port/db): the registry's instances, analytics'
-    /// rate limit and summary cache, the data service's records.
+    /// Shared state in Redis (redis://host:port/db): the registry's instances, the
+    /// gateway's rate limits and response cache, analytics' rate limit and summary
+    /// cache, the data service's records.
     #[arg(long)]
     pub redis: Option<String>,
+    /// Key prefix in Redis: each component gets `<prefix>:<component>` (registry,
+    /// gateway, analytics, data), so systems with different prefixes share one Redis.
+    #[arg(long, default_value = "breakwater")]
+    pub redis_prefix: String,
+    /// Keep the data service's records in this Redis Cluster (node URLs, comma-separated)
+    /// instead of `--redis` or the SQLite shard files.
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
     /// PostgreSQL for users, orders and analytics (postgres://user@host/db) instead of
     /// SQLite.
     #[arg(long)]

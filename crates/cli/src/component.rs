@@ -6,14 +6,17 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use breakwater_registry::store::StoreChoice;
 use breakwater_runtime::CancellationToken;
+use breakwater_runtime::otlp::{self, ExportConfig, Exporter};
 use tokio::net::TcpListener;
 
 use breakwater_services::analytics::{AnalyticsOverrides, AnalyticsSettings};
 use breakwater_services::data::DataSettings;
 use breakwater_services::unstable::UnstableSettings;
-use breakwater_services::{ServiceError, ServiceKind, ServiceOptions};
+use breakwater_services::{EventSettings, ServiceError, ServiceKind, ServiceOptions};
 
-use crate::cli::{GatewayArgs, Listen, RegistryArgs, ServiceArgs, ServiceCommand, ServiceCommon};
+use crate::cli::{
+    GatewayArgs, Listen, PublisherArgs, RegistryArgs, ServiceArgs, ServiceCommand, ServiceCommon,
+};
 
 /// A flag or configuration value that cannot work; exits with code 64.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,36 @@ fn port_of(listener: &TcpListener) -> anyhow::Result<u16> {
         .port())
 }
 
+/// OTLP trace export as the `OTEL_*` variables ask (`None`: off), for component
+/// `service`; a bad endpoint is a usage error naming the variable.
+fn otlp_config(service: &str) -> Result<Option<ExportConfig>, UsageError> {
+    ExportConfig::from_env(service, service).map_err(|e| UsageError(e.to_string()))
+}
+
+/// Starts the exporter and makes its tracer the process's. Runs before the component
+/// builds its routers, which pick the tracer up once.
+fn start_export(
+    config: Option<ExportConfig>,
+    instance: String,
+    shutdown: &CancellationToken,
+) -> Option<Exporter> {
+    let config = ExportConfig {
+        instance,
+        ..config?
+    };
+    tracing::info!(endpoint = %config.endpoint, service = %config.service_name, "exporting traces over OTLP");
+    let (tracer, exporter) = otlp::start(config, shutdown.clone());
+    otlp::install(tracer);
+    Some(exporter)
+}
+
+/// Sends the spans of the last (drained) requests before the process exits.
+async fn finish_export(exporter: Option<Exporter>) {
+    if let Some(exporter) = exporter {
+        exporter.finish().await;
+    }
+}
+
 /// `breakwater registry`.
 pub async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
     let choice = match args.redis {
@@ -69,12 +102,17 @@ pub async fn registry(args: RegistryArgs) -> anyhow::Result<()> {
         StoreChoice::Memory => "memory",
         StoreChoice::Redis { .. } => "redis",
     };
+    let otlp = otlp_config(breakwater_registry::server::REGISTRY_COMPONENT)?;
     let shutdown = shutdown_token()?;
     let listener = bind(&args.listen).await?;
-    tracing::info!(port = port_of(&listener)?, store, "registry listening");
-    breakwater_registry::server::run_with(listener, choice, shutdown)
+    let port = port_of(&listener)?;
+    tracing::info!(port, store, "registry listening");
+    let exporter = start_export(otlp, format!("registry-{port}"), &shutdown);
+    let served = breakwater_registry::server::run_with(listener, choice, shutdown)
         .await
-        .context("registry server")
+        .context("registry server");
+    finish_export(exporter).await;
+    served
 }
 
 /// `breakwater gateway`.
@@ -89,6 +127,20 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     config.try_timeout = args.try_timeout;
     config.config_path = args.config;
     config.admin_token = args.admin_token;
+    if let Some(url) = &args.control_url {
+        check_url("--control-url", url)?;
+    }
+    config.control_url = args
+        .control_url
+        .map(|url| url.trim_end_matches('/').to_owned());
+    if let Some(url) = &args.redis
+        && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+    {
+        return Err(UsageError(format!("--redis {url:?}: expected a redis:// URL")).into());
+    }
+    config.redis_url = args.redis;
+    config.redis_prefix = args.redis_prefix;
+    config.redis_timeout = args.redis_timeout;
     // Refuse a bad config file before taking the port.
     config
         .validate()
@@ -97,12 +149,16 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .load_file()
         .map_err(|e| UsageError(format!("--config: {e}")))?;
 
+    let otlp = otlp_config("api-gateway")?;
     let shutdown = shutdown_token()?;
     let listener = bind(&args.listen).await?;
     let port = port_of(&listener)?;
     config.port = port;
     config.instance = format!("api-gateway-{port}");
-    match breakwater_gateway::run(listener, config, shutdown).await {
+    let exporter = start_export(otlp, config.instance.clone(), &shutdown);
+    let served = breakwater_gateway::run(listener, config, shutdown).await;
+    finish_export(exporter).await;
+    match served {
         Ok(()) => Ok(()),
         Err(breakwater_gateway::RunError::Config(e)) => {
             Err(UsageError(format!("--config: {e}")).into())
@@ -124,6 +180,7 @@ pub async fn service(args: ServiceArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| default_port(kind)),
         (None, _) => default_port(kind),
     };
+    let otlp = otlp_config(kind.service_name())?;
     let shutdown = shutdown_token()?;
     let listener = bind(&Listen {
         port,
@@ -131,6 +188,8 @@ pub async fn service(args: ServiceArgs) -> anyhow::Result<()> {
     })
     .await?;
     let port = port_of(&listener)?;
+    // The instance id the service registers under (`services::run` makes the same).
+    let exporter = start_export(otlp, format!("{}-{port}", kind.service_name()), &shutdown);
     let registry = common.discovery.registry.trim_end_matches('/').to_owned();
     check_url("--registry", &registry)?;
     let config = breakwater_services::ServiceConfig {
@@ -141,7 +200,9 @@ pub async fn service(args: ServiceArgs) -> anyhow::Result<()> {
         heartbeat_interval_secs: common.discovery.heartbeat_interval,
         options,
     };
-    match breakwater_services::run(kind, listener, config, shutdown).await {
+    let served = breakwater_services::run(kind, listener, config, shutdown).await;
+    finish_export(exporter).await;
+    match served {
         Err(ServiceError::Setting(e)) => Err(UsageError(e.to_string()).into()),
         other => other.context("service"),
     }
@@ -164,8 +225,8 @@ fn service_options(
 ) -> Result<(ServiceKind, ServiceCommon, ServiceOptions), UsageError> {
     let mut options = ServiceOptions::default();
     let (kind, common) = match command {
-        ServiceCommand::Users(common) => (ServiceKind::Users, common),
-        ServiceCommand::Orders(common) => (ServiceKind::Orders, common),
+        ServiceCommand::Users(p) => (ServiceKind::Users, publisher(&mut options, p)),
+        ServiceCommand::Orders(p) => (ServiceKind::Orders, publisher(&mut options, p)),
         ServiceCommand::Analytics(a) => {
             options.analytics = AnalyticsSettings::from_env_and(&AnalyticsOverrides {
                 rate_limit_window: a.rate_limit_window,
@@ -179,6 +240,11 @@ fn service_options(
                 redis_prefix: a.redis_prefix,
             })
             .map_err(|e| UsageError(e.to_string()))?;
+            // The consumer reads the streams in the Redis analytics already uses.
+            options.events = EventSettings {
+                redis_url: options.analytics.redis_url.clone(),
+                prefix: a.events_prefix,
+            };
             (ServiceKind::Analytics, a.common)
         }
         ServiceCommand::Data(d) => {
@@ -190,6 +256,7 @@ fn service_options(
                 backoff_base: d.backoff_base,
                 backoff_max: d.backoff_max,
                 redis_urls: d.redis,
+                redis_cluster: d.redis_cluster,
                 redis_prefix: d.redis_prefix,
             };
             (ServiceKind::Data, d.common)
@@ -216,6 +283,15 @@ fn service_options(
         .validate(kind)
         .map_err(|e| UsageError(e.to_string()))?;
     Ok((kind, common, options))
+}
+
+/// Where a users or orders instance publishes its events; returns its common flags.
+fn publisher(options: &mut ServiceOptions, args: PublisherArgs) -> ServiceCommon {
+    options.events = EventSettings {
+        redis_url: args.redis,
+        prefix: args.events_prefix,
+    };
+    args.common
 }
 
 fn check_url(flag: &str, url: &str) -> Result<(), UsageError> {

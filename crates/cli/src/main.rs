@@ -1,12 +1,14 @@
 //! The `breakwater` binary: parses the command line and calls the libraries.
 //!
 //! Parts: `cli` (flags), `component` (`registry`, `gateway` and `service` as single
-//! processes), `up` (the supervisor that runs the whole system on one machine) and
-//! `loadgen` (`breakwater bench`, the load generator).
+//! processes), `up` (the supervisor that runs the whole system on one machine),
+//! `loadgen` (`breakwater bench`, the load generator) and `scenario` (`breakwater
+//! scenario`, guided scenarios that drive a system and check what it does).
 
 mod cli;
 mod component;
 mod loadgen;
+mod scenario;
 mod up;
 
 use std::process::ExitCode;
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
             cli::Command::Gateway(args) => component::gateway(args).await,
             cli::Command::Service(args) => component::service(args).await,
             cli::Command::Bench(args) => loadgen::run(args).await,
+            cli::Command::Scenario(args) => scenario::run(args).await,
         }
     });
     match result {

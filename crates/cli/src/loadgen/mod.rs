@@ -92,6 +92,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .context("writing the report")
 }
 
+/// Runs a load without printing anything and returns the `--json` report's object, for
+/// callers that judge the outcome themselves (`breakwater scenario`).
+pub(crate) async fn measure_quietly(mut args: BenchArgs) -> anyhow::Result<serde_json::Value> {
+    args.no_progress = true;
+    let plan = Plan::from_args(args).await?;
+    let summary = measure(&plan).await?;
+    serde_json::to_value(&summary).context("encoding the load's figures")
+}
+
 /// Resolves the target, runs every connection, and sums up.
 async fn measure(plan: &Plan) -> anyhow::Result<Summary> {
     let addrs = client::resolve(&plan.target.host, plan.target.port).await?;

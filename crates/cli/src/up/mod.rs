@@ -8,10 +8,14 @@
 //! (draining), then the services (deregistering), then the registry.
 //!
 //! - [`plan`]: which processes, on which ports (a taken port moves to a free one).
-//! - [`child`]: one supervised child process: spawn, prefix its output, restart, stop.
+//! - [`child`]: one supervised child process: spawn, prefix its output, restart, stop;
+//!   stop, start and kill on command.
+//! - [`control`]: the control API (processes and unstable's chaos), served from the
+//!   start on `--control-port`; the gateway forwards `/admin/control` to it.
 //! - [`state`]: the `up.json` state file.
 
 mod child;
+mod control;
 mod plan;
 mod state;
 
@@ -48,6 +52,24 @@ pub async fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(1))
         .build()
         .context("building the readiness HTTP client")?;
+    let control = control::Control::new().context("building the control API's HTTP client")?;
+    let control_listener = tokio::net::TcpListener::bind(plan.control)
+        .await
+        .map_err(|e| {
+            crate::component::UsageError(format!(
+                "--control-port {}: cannot listen on {}: {e}",
+                plan.control.port(),
+                plan.control
+            ))
+        })?;
+    state.set_control(plan.control_url.clone());
+    // Stops with `up` (the same token), before the children are stopped.
+    let control_server = tokio::spawn(breakwater_runtime::serve::serve(
+        control_listener,
+        control::app(control.clone()),
+        shutdown.clone(),
+        CONTROL_DRAIN,
+    ));
     let ready = Readiness {
         http,
         registry_url: plan.registry_url.clone(),
@@ -63,6 +85,9 @@ pub async fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
                 .filter(|c| c.role == stage)
                 .map(|spec| Supervised::start(exe.clone(), spec.clone(), Arc::clone(&state)))
                 .collect();
+            for child in &children {
+                control.add(child.handle());
+            }
             // The children of a stage are already running side by side; waiting for
             // them one after another costs only the slowest one's start-up time.
             let specs: Vec<ChildSpec> = children.iter().map(|c| c.spec().clone()).collect();
@@ -77,7 +102,9 @@ pub async fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
 
     if let Err(e) = outcome {
         tracing::error!("{e:#}; stopping what was started");
+        shutdown.cancel();
         stop_in_order(stages).await;
+        let _ = control_server.await;
         state.remove();
         return Err(e);
     }
@@ -87,6 +114,11 @@ pub async fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
     shutdown.cancelled().await;
     tracing::info!("stopping: gateway first, then services, then the registry");
     stop_in_order(stages).await;
+    match control_server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "control API server failed"),
+        Err(e) => tracing::warn!(error = %e, "control API task failed"),
+    }
     state.remove();
     tracing::info!("all processes stopped");
     Ok(())
@@ -104,6 +136,10 @@ async fn stop_in_order(mut stages: Vec<Vec<Supervised>>) {
         }
     }
 }
+
+/// How long a control request in flight (a stop waits for its process) may finish once
+/// `up` stops; the children are stopped in order regardless.
+const CONTROL_DRAIN: Duration = Duration::from_secs(2);
 
 struct Readiness {
     http: reqwest::Client,
@@ -203,6 +239,13 @@ fn print_table(plan: &plan::Plan, state: &StateFile) {
             c.url()
         ));
     }
+    out.push_str(&format!(
+        "  {:<12} {:>6} {:>8}  {}/processes  (control API)\n",
+        "control",
+        plan.control.port(),
+        std::process::id(),
+        plan.control_url
+    ));
     out.push_str(&format!(
         "\nTry: curl {}/users-with-orders\nCtrl-C stops everything.\n\n",
         plan.gateway_url

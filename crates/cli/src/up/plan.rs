@@ -18,6 +18,16 @@ pub enum Role {
     Gateway,
 }
 
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Registry => "registry",
+            Self::Service => "service",
+            Self::Gateway => "gateway",
+        }
+    }
+}
+
 /// Everything needed to start (and restart) one child process.
 #[derive(Debug, Clone)]
 pub struct ChildSpec {
@@ -46,6 +56,10 @@ pub struct Plan {
     pub children: Vec<ChildSpec>,
     pub registry_url: String,
     pub gateway_url: String,
+    /// Where `up`'s control API listens (on the bind address).
+    pub control: SocketAddr,
+    /// `http://host:port` of the control API, as the gateway reaches it.
+    pub control_url: String,
     /// Things the user should hear about, such as a port that moved.
     pub notes: Vec<String>,
 }
@@ -81,6 +95,8 @@ impl Plan {
 
         let registry_port = ports.pick("--registry-port", args.registry_port)?;
         let registry_url = format!("http://{}", SocketAddr::new(host, registry_port));
+        let control_port = ports.pick("--control-port", args.control_port)?;
+        let control_url = format!("http://{}", SocketAddr::new(host, control_port));
         let discovery = |v: &mut Vec<OsString>| {
             v.extend([
                 "--registry".into(),
@@ -92,6 +108,19 @@ impl Plan {
             ]);
         };
 
+        // `--redis URL --redis-prefix <prefix>:<component>` for a component that keeps
+        // state in Redis, when `up` has Redis.
+        let redis = |v: &mut Vec<OsString>, component: &str| {
+            if let Some(url) = &args.redis {
+                v.extend([
+                    "--redis".into(),
+                    url.into(),
+                    "--redis-prefix".into(),
+                    format!("{}:{component}", args.redis_prefix).into(),
+                ]);
+            }
+        };
+
         let mut children = vec![ChildSpec {
             name: "registry".into(),
             role: Role::Registry,
@@ -100,9 +129,7 @@ impl Plan {
             registry_name: None,
             args: {
                 let mut a = common(&["registry"], registry_port);
-                if let Some(url) = &args.redis {
-                    a.extend(["--redis".into(), url.into()]);
-                }
+                redis(&mut a, "registry");
                 a
             },
         }];
@@ -160,12 +187,25 @@ impl Plan {
                 let mut a = common(&["service", label], port);
                 discovery(&mut a);
                 a.extend(["--data-dir".into(), data_dir.as_os_str().to_owned()]);
-                if let Some(url) = args
-                    .redis
-                    .as_ref()
-                    .filter(|_| matches!(label, "analytics" | "data"))
+                if label == "data" && !args.redis_cluster.is_empty() {
+                    a.extend([
+                        "--redis-cluster".into(),
+                        args.redis_cluster.join(",").into(),
+                        "--redis-prefix".into(),
+                        format!("{}:data", args.redis_prefix).into(),
+                    ]);
+                } else if matches!(label, "analytics" | "data") {
+                    redis(&mut a, label);
+                }
+                // Events over Redis Streams: users and orders publish, analytics consumes,
+                // all under one prefix.
+                if let Some(url) = &args.redis
+                    && matches!(label, "users" | "orders" | "analytics")
                 {
-                    a.extend(["--redis".into(), url.into()]);
+                    if label != "analytics" {
+                        a.extend(["--redis".into(), url.into()]);
+                    }
+                    a.extend(["--events-prefix".into(), args.redis_prefix.clone().into()]);
                 }
                 if let Some(url) = args
                     .database
@@ -187,9 +227,12 @@ impl Plan {
         let gateway_port = ports.pick("--gateway-port", args.gateway_port)?;
         let mut a = common(&["gateway"], gateway_port);
         discovery(&mut a);
+        redis(&mut a, "gateway");
         a.extend([
             "--registry-dashboard".into(),
             format!("{registry_url}/").into(),
+            "--control-url".into(),
+            control_url.clone().into(),
         ]);
         children.push(ChildSpec {
             name: "gateway".into(),
@@ -204,6 +247,8 @@ impl Plan {
             children,
             registry_url,
             gateway_url,
+            control: SocketAddr::new(args.bind, control_port),
+            control_url,
             notes: ports.notes,
         })
     }
@@ -260,6 +305,7 @@ mod tests {
             "--analytics-port",
             "--data-port",
             "--unstable-port",
+            "--control-port",
         ] {
             if !args.contains(&flag) {
                 v.extend([flag, "0"]);
@@ -300,8 +346,19 @@ mod tests {
                 "gateway"
             ]
         );
-        let ports: HashSet<_> = plan.children.iter().map(|c| c.port).collect();
-        assert_eq!(ports.len(), 7, "ports are distinct");
+        let mut ports: HashSet<_> = plan.children.iter().map(|c| c.port).collect();
+        assert!(
+            ports.insert(plan.control.port()),
+            "the control port is another one"
+        );
+        assert_eq!(ports.len(), 8, "ports are distinct");
+        let gateway = plan.children.last().unwrap();
+        let passed = gateway
+            .args
+            .windows(2)
+            .find(|w| w[0] == "--control-url")
+            .map(|w| w[1].clone());
+        assert_eq!(passed, Some(plan.control_url.clone().into()));
         assert!(plan.notes.is_empty());
     }
 
@@ -333,10 +390,61 @@ mod tests {
                 "{}",
                 child.name
             );
-            if child.name.starts_with("analytics") {
-                assert!(passes(child, "--redis"), "{}", child.name);
-            }
+            let prefix = child
+                .args
+                .windows(2)
+                .find(|w| w[0] == "--redis-prefix")
+                .map(|w| w[1].to_string_lossy().into_owned());
+            let expected = match kind {
+                "registry" | "gateway" | "analytics" | "data" => Some(format!("breakwater:{kind}")),
+                _ => None,
+            };
+            let publishes = matches!(kind, "users" | "orders");
+            assert_eq!(
+                passes(child, "--redis"),
+                expected.is_some() || publishes,
+                "{}",
+                child.name
+            );
+            assert_eq!(
+                prefix, expected,
+                "{}: the component's default prefix",
+                child.name
+            );
+            let events = child
+                .args
+                .windows(2)
+                .find(|w| w[0] == "--events-prefix")
+                .map(|w| w[1].to_string_lossy().into_owned());
+            let expected = (publishes || kind == "analytics").then(|| "breakwater".to_owned());
+            assert_eq!(events, expected, "{}: one event prefix", child.name);
         }
+        let mut args = args;
+        args.redis_cluster = vec!["redis://n1:7000".into(), "redis://n2:7000".into()];
+        let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
+        let data = plan.children.iter().find(|c| c.name == "data-1").unwrap();
+        assert!(
+            !passes(data, "--redis"),
+            "the cluster replaces --redis for data"
+        );
+        assert!(
+            data.args
+                .windows(2)
+                .any(|w| w[0] == "--redis-cluster" && w[1] == "redis://n1:7000,redis://n2:7000"),
+            "{:?}",
+            data.args
+        );
+        args.redis_prefix = "run-7".into();
+        let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
+        let gateway = plan.children.last().unwrap();
+        assert!(
+            gateway
+                .args
+                .windows(2)
+                .any(|w| w[0] == "--redis-prefix" && w[1] == "run-7:gateway"),
+            "{:?}",
+            gateway.args
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use super::child::{RunState, Status};
+
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Process {
@@ -15,6 +17,7 @@ struct Process {
     port: u16,
     url: String,
     pid: Option<u32>,
+    state: RunState,
     restarts: u32,
 }
 
@@ -24,6 +27,9 @@ struct Snapshot {
     ready: bool,
     supervisor_pid: u32,
     data_dir: PathBuf,
+    /// Base URL of `up`'s control API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    control: Option<String>,
     processes: BTreeMap<String, Process>,
 }
 
@@ -59,8 +65,8 @@ impl StateFile {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records that `name` runs as `pid` (None while it is down).
-    pub fn set_process(&self, name: &str, port: u16, url: String, pid: Option<u32>, restarts: u32) {
+    /// Records `name`'s status (its pid is None while it is down).
+    pub fn set_process(&self, name: &str, port: u16, url: String, status: Status) {
         let mut s = self.lock();
         s.processes.insert(
             name.to_owned(),
@@ -68,10 +74,18 @@ impl StateFile {
                 name: name.to_owned(),
                 port,
                 url,
-                pid,
-                restarts,
+                pid: status.pid,
+                state: status.state,
+                restarts: status.restarts,
             },
         );
+        self.write(&s);
+    }
+
+    /// Records where the control API listens.
+    pub fn set_control(&self, url: String) {
+        let mut s = self.lock();
+        s.control = Some(url);
         self.write(&s);
     }
 
