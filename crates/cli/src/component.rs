@@ -23,11 +23,14 @@ use crate::cli::{
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// Environment variable `breakwater up` sets on its children: they stop when their
-/// stdin (a pipe from the supervisor) closes, so no child outlives a killed supervisor.
+/// Environment variable `breakwater up` sets on its children (and `breakwater scenario`
+/// on the `up` it starts): they stop when their stdin (a pipe from the supervisor)
+/// closes, so no process outlives a killed supervisor.
 pub const SUPERVISED_ENV: &str = "BREAKWATER_SUPERVISED";
 
-fn shutdown_token() -> anyhow::Result<CancellationToken> {
+/// The shutdown token of a long-running command: SIGINT/SIGTERM, and stdin closing when
+/// [`SUPERVISED_ENV`] is set.
+pub(crate) fn shutdown_token() -> anyhow::Result<CancellationToken> {
     let token = breakwater_runtime::shutdown::on_signal().context("installing signal handlers")?;
     if std::env::var_os(SUPERVISED_ENV).is_some() {
         breakwater_runtime::shutdown::cancel_on_stdin_eof(token.clone())

@@ -16,6 +16,8 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use breakwater_runtime::clock::iso8601_now;
 use breakwater_runtime::http::{Json, Path};
+use breakwater_runtime::observe;
+use breakwater_runtime::otlp::{SpanTimer, Tracer};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -25,6 +27,7 @@ use crate::errors::GatewayError;
 use crate::forward::{self, Outbound, REQUEST_ID};
 use crate::server::GatewayState;
 use crate::stack;
+use crate::stack::GatewaySpan;
 use crate::trace::Trace;
 
 /// Registry name of the users service.
@@ -72,13 +75,15 @@ enum Answer {
 
 /// `GET /users`.
 pub async fn users(State(state): State<GatewayState>, headers: HeaderMap) -> Response {
-    let request_id = request_id_of(&headers);
-    let (users, source) =
-        match fetch_items(&state, USER_SERVICE, "/users", "users", request_id).await {
-            Ok(Answer::Items(users)) => (users, Source::Live),
-            Ok(Answer::Refused(res)) => return res,
-            Err(e) => (fallback_users(), Source::fallback(USER_SERVICE, &e)),
-        };
+    traced(&headers, "/users", |call| users_answer(state, call)).await
+}
+
+async fn users_answer(state: GatewayState, call: Propagated) -> Response {
+    let (users, source) = match fetch_items(&state, USER_SERVICE, "/users", "users", call).await {
+        Ok(Answer::Items(users)) => (users, Source::Live),
+        Ok(Answer::Refused(res)) => return res,
+        Err(e) => (fallback_users(), Source::fallback(USER_SERVICE, &e)),
+    };
     let mut meta = source.meta(&state);
     meta.insert("timestamp".into(), iso8601_now().into());
     Json(json!({"users": users, "meta": meta})).into_response()
@@ -93,8 +98,14 @@ pub async fn user_orders(
     let Ok(user_id) = raw_id.parse::<i64>() else {
         return GatewayError::bad_request("Invalid user ID").into_response();
     };
-    let request_id = request_id_of(&headers);
-    let (orders, source) = match orders_of(&state, user_id, request_id).await {
+    traced(&headers, "/orders/user/{userId}", |call| {
+        user_orders_answer(state, user_id, call)
+    })
+    .await
+}
+
+async fn user_orders_answer(state: GatewayState, user_id: i64, call: Propagated) -> Response {
+    let (orders, source) = match orders_of(&state, user_id, call).await {
         Ok(Answer::Items(orders)) => (orders, Source::Live),
         Ok(Answer::Refused(res)) => return res,
         Err(e) => (
@@ -111,9 +122,15 @@ pub async fn user_orders(
 
 /// `GET /users-with-orders`: the users, then every user's orders fetched concurrently.
 pub async fn users_with_orders(State(state): State<GatewayState>, headers: HeaderMap) -> Response {
-    let request_id = request_id_of(&headers);
+    traced(&headers, "/users-with-orders", |call| {
+        users_with_orders_answer(state, call)
+    })
+    .await
+}
+
+async fn users_with_orders_answer(state: GatewayState, call: Propagated) -> Response {
     let (mut users, users_source) =
-        match fetch_items(&state, USER_SERVICE, "/users", "users", request_id.clone()).await {
+        match fetch_items(&state, USER_SERVICE, "/users", "users", call.clone()).await {
             Ok(Answer::Items(users)) => (users, Source::Live),
             Ok(Answer::Refused(res)) => return res,
             Err(e) => (fallback_users(), Source::fallback(USER_SERVICE, &e)),
@@ -131,11 +148,11 @@ pub async fn users_with_orders(State(state): State<GatewayState>, headers: Heade
     let mut lookups = JoinSet::new();
     for (index, user_id) in ids.iter().enumerate() {
         let Some(user_id) = *user_id else { continue };
-        let (state, request_id, permits) = (state.clone(), request_id.clone(), permits.clone());
+        let (state, call, permits) = (state.clone(), call.clone(), permits.clone());
         lookups.spawn(async move {
             // The semaphore is never closed, so a permit always comes.
             let _permit = permits.acquire_owned().await.ok();
-            let found = match orders_of(&state, user_id, request_id).await {
+            let found = match orders_of(&state, user_id, call).await {
                 Ok(Answer::Items(items)) => Ok(items),
                 Ok(Answer::Refused(res)) => Err(GatewayError::UpstreamStatus {
                     service: ORDER_SERVICE.to_owned(),
@@ -241,10 +258,10 @@ impl Source {
 async fn orders_of(
     state: &GatewayState,
     user_id: i64,
-    request_id: HeaderValue,
+    call: Propagated,
 ) -> Result<Answer, GatewayError> {
     let path = format!("/orders/user/{user_id}");
-    fetch_items(state, ORDER_SERVICE, &path, "orders", request_id).await
+    fetch_items(state, ORDER_SERVICE, &path, "orders", call).await
 }
 
 /// GETs `path` from `service` and takes the array under `field` from its JSON answer.
@@ -253,7 +270,7 @@ async fn fetch_items(
     service: &str,
     path: &str,
     field: &str,
-    request_id: HeaderValue,
+    call: Propagated,
 ) -> Result<Answer, GatewayError> {
     let invalid = |cause: String| GatewayError::InvalidResponse {
         service: service.to_owned(),
@@ -265,7 +282,7 @@ async fn fetch_items(
         state,
         &upstream,
         &policy,
-        Outbound::get(path, request_id),
+        Outbound::get(path, call.request_id, call.traceparent),
         &mut Trace::off(),
     )
     .await?;
@@ -299,13 +316,45 @@ async fn fetch_items(
     }
 }
 
-/// The request's id as the request-id middleware set it (a fresh one if it is missing,
-/// which only happens when a handler runs outside the gateway's router).
-fn request_id_of(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(REQUEST_ID)
-        .cloned()
-        .unwrap_or_else(forward::new_request_id)
+/// What every call of one composed answer passes on: the request's id (as the
+/// request-id middleware set it; a fresh one only outside the gateway's router) and the
+/// gateway's span as `traceparent`, so users and orders continue the caller's trace.
+#[derive(Clone)]
+struct Propagated {
+    request_id: HeaderValue,
+    traceparent: HeaderValue,
+}
+
+/// Answers a composed route inside the gateway's own span (a child of the caller's
+/// `traceparent`, or a new trace), exported when OTLP export is on.
+async fn traced<F>(
+    headers: &HeaderMap,
+    route: &'static str,
+    answer: impl FnOnce(Propagated) -> F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
+    let span = GatewaySpan::start(headers);
+    let call = Propagated {
+        request_id: headers
+            .get(REQUEST_ID)
+            .cloned()
+            .unwrap_or_else(forward::new_request_id),
+        traceparent: forward::traceparent_value(&span.context),
+    };
+    let res = answer(call).await;
+    if let Some(tracer) = Tracer::global().filter(|_| span.context.sampled()) {
+        tracer.record(observe::server_span(
+            span.context,
+            span.parent_span_id,
+            SpanTimer::since(span.started),
+            "GET",
+            Some(route),
+            res.status().as_u16(),
+        ));
+    }
+    res
 }
 
 #[cfg(test)]

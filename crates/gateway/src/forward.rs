@@ -100,10 +100,16 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// A bodiless GET the gateway makes itself (composed routes), carrying `request_id`.
-    pub fn get(path_and_query: PathAndQuery, request_id: HeaderValue) -> Self {
+    /// A bodiless GET the gateway makes itself (composed routes), carrying `request_id`
+    /// and the gateway's span as `traceparent`.
+    pub fn get(
+        path_and_query: PathAndQuery,
+        request_id: HeaderValue,
+        traceparent: HeaderValue,
+    ) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, request_id);
+        headers.insert(TRACEPARENT, traceparent);
         headers.insert(
             axum::http::header::ACCEPT,
             HeaderValue::from_static("application/json"),

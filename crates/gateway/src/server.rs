@@ -70,10 +70,15 @@ struct Shared {
 
 impl GatewayState {
     /// State for `config`, discovering through the registry at `config.registry_url`
-    /// with the default cache policy, routing by the config file (read now).
+    /// with the default cache policy and a watch per service (a registration or expiry
+    /// reaches the balancer at once, not after the cache's TTL), routing by the config
+    /// file (read now).
     pub fn new(config: GatewayConfig) -> Result<Self, ConfigError> {
         let registry = RegistryClient::new(config.registry_url.clone());
-        Self::with_discovery(config, Discovery::new(registry, CachePolicy::default()))
+        Self::with_discovery(
+            config,
+            Discovery::watching(registry, CachePolicy::default()),
+        )
     }
 
     /// State using a discovery the caller built (another cache policy, a shared one).

@@ -337,3 +337,75 @@ async fn the_dashboard_is_a_self_contained_page() {
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(reply.json["error"].is_string());
 }
+
+/// A users service that answers `/users` with one user and keeps the `traceparent` and
+/// `x-request-id` of every request it gets.
+async fn recording_users() -> (
+    Spawned,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    let router = axum::Router::new().route(
+        "/users",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let log = std::sync::Arc::clone(&log);
+            async move {
+                let text = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                log.lock()
+                    .unwrap()
+                    .push((text("traceparent"), text("x-request-id")));
+                axum::Json(json!({"users": [{"id": 7, "name": "T", "email": "t@x", "age": 1}]}))
+            }
+        }),
+    );
+    (spawn(router).await, seen)
+}
+
+#[tokio::test]
+async fn composed_calls_continue_the_callers_trace_in_the_gateways_own_span() {
+    let registry = FakeRegistry::start().await;
+    let (users, seen) = recording_users().await;
+    registry.set(USERS, vec![instance(USERS, users.addr)]);
+    let gw = gateway(&registry.url);
+
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let reply = call(
+        &gw,
+        Request::get("/users")
+            .header("traceparent", caller)
+            .header("x-request-id", "req-composed-1")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.json);
+    assert_eq!(reply.json["users"][0]["id"], 7);
+
+    // No caller trace: the gateway starts a new sampled one.
+    let fresh = get_json(&gw, "/users").await;
+    assert_eq!(fresh.status, StatusCode::OK);
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let parts = |v: &str| v.split('-').map(str::to_owned).collect::<Vec<_>>();
+    let first = parts(&seen[0].0);
+    assert_eq!(first.len(), 4, "{seen:?}");
+    assert_eq!(first[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(
+        first[2], "00f067aa0ba902b7",
+        "the gateway's own span is the parent"
+    );
+    assert_eq!(first[3], "01");
+    assert_eq!(seen[0].1, "req-composed-1");
+    let second = parts(&seen[1].0);
+    assert_eq!(second.len(), 4, "{seen:?}");
+    assert_ne!(second[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(second[3], "01");
+}

@@ -216,7 +216,10 @@ fn spawn_up(dir: &Path, fast: bool) -> anyhow::Result<Child> {
             "--data-dir",
         ])
         .arg(dir)
-        .stdin(Stdio::null())
+        // A pipe this process never writes to: if the scenario dies without stopping
+        // `up` (SIGKILL), the pipe closes and `up` stops everything it started.
+        .stdin(Stdio::piped())
+        .env(crate::component::SUPERVISED_ENV, "1")
         .stdout(log)
         .stderr(log2)
         .process_group(0)

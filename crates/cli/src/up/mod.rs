@@ -34,8 +34,7 @@ use state::StateFile;
 
 /// Runs `breakwater up` until SIGINT or SIGTERM.
 pub async fn run(args: UpArgs, log_format: LogFormat) -> anyhow::Result<()> {
-    let shutdown =
-        breakwater_runtime::shutdown::on_signal().context("installing signal handlers")?;
+    let shutdown = crate::component::shutdown_token()?;
     let data_dir = args
         .data_dir
         .clone()
