@@ -127,6 +127,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .registry_dashboard
         .unwrap_or_else(|| format!("{registry}/"));
     config.heartbeat_interval_secs = args.discovery.heartbeat_interval;
+    config.advertise_host = args.discovery.advertise_host;
     config.try_timeout = args.try_timeout;
     config.config_path = args.config;
     config.admin_token = args.admin_token;

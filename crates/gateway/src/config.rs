@@ -67,6 +67,9 @@ pub struct GatewayConfig {
     pub redis_prefix: String,
     /// Bound on one Redis call ([`DEFAULT_REDIS_TIMEOUT`]).
     pub redis_timeout: Duration,
+    /// The host the gateway registers under; `None` lets the registry use the address
+    /// it sees the registration come from.
+    pub advertise_host: Option<String>,
 }
 
 impl GatewayConfig {
@@ -89,6 +92,7 @@ impl GatewayConfig {
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
             redis_timeout: DEFAULT_REDIS_TIMEOUT,
+            advertise_host: None,
         }
     }
 

@@ -546,7 +546,7 @@ pub async fn run(
         name: GATEWAY_SERVICE.to_owned(),
         port,
         heartbeat_interval: Some(state.config().heartbeat_interval_secs),
-        host: None,
+        host: state.config().advertise_host.clone(),
         metadata: Some(serde_json::Map::from_iter([(
             "instance".to_owned(),
             state.config().instance.clone().into(),

@@ -97,11 +97,9 @@ async fn works_end_to_end_with_the_real_registry() {
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let gateway = tokio::spawn(run(
-        listener,
-        GatewayConfig::new(0, &registry_url),
-        stop.child_token(),
-    ));
+    let mut config = GatewayConfig::new(0, &registry_url);
+    config.advertise_host = Some("gateway.internal".into());
+    let gateway = tokio::spawn(run(listener, config, stop.child_token()));
 
     let reply = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{port}/users?via=gateway"))
@@ -115,11 +113,13 @@ async fn works_end_to_end_with_the_real_registry() {
     assert_eq!(echoed["query"], "via=gateway");
     assert_eq!(echoed["headers"]["x-forwarded-for"], "127.0.0.1");
 
-    // The gateway registers itself in the background; ask until it shows up.
+    // The gateway registers itself in the background, under its advertised host; ask
+    // until it shows up.
     let registered = async {
         loop {
             let listed = client.services("api-gateway").await.unwrap();
-            if listed.iter().any(|i| i.port == port) {
+            if let Some(me) = listed.iter().find(|i| i.port == port) {
+                assert_eq!(me.host, "gateway.internal");
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
