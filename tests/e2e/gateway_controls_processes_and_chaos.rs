@@ -9,28 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::system::{System, port_of, url_of};
-
-async fn call(
-    http: &reqwest::Client,
-    method: &str,
-    url: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = http.request(method.parse().unwrap(), url);
-    if let Some(body) = body {
-        req = req.json(&body);
-    }
-    let res = req
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = res.status().as_u16();
-    let text = res.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
+use crate::up_survives_instance_crash::call;
 
 /// Ports the registry lists under `service`.
 async fn registered_ports(http: &reqwest::Client, registry: &str, service: &str) -> Vec<u64> {

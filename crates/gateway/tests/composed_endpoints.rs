@@ -359,7 +359,7 @@ async fn recording_users() -> (
                         .to_owned()
                 };
                 log.lock()
-                    .unwrap()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .push((text("traceparent"), text("x-request-id")));
                 axum::Json(json!({"users": [{"id": 7, "name": "T", "email": "t@x", "age": 1}]}))
             }
