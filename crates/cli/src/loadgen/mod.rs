@@ -72,6 +72,27 @@ pub struct BenchArgs {
     pub no_progress: bool,
 }
 
+impl BenchArgs {
+    /// A closed-loop GET load on `url` for `duration` over `connections`, with the
+    /// flags' defaults otherwise and no progress bar: the load the scenarios run
+    /// in-process through [`measure_quietly`].
+    pub fn quiet_get(url: String, connections: usize, duration: std::time::Duration) -> Self {
+        Self {
+            url,
+            connections,
+            duration: Some(format!("{}ms", duration.as_millis())),
+            amount: None,
+            rate: None,
+            method: "GET".into(),
+            body: None,
+            headers: Vec::new(),
+            json: true,
+            timeout: "10s".into(),
+            no_progress: true,
+        }
+    }
+}
+
 /// Runs the benchmark and prints the report on stdout.
 ///
 /// Bad flags return a [`UsageError`]; an unresolvable host or a failed write of the

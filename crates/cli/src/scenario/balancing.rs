@@ -158,19 +158,7 @@ pub(crate) async fn stress_test(cx: &Ctx) -> anyhow::Result<()> {
         "{}/ -> \"Traffic\": the /stress-test route's requests per second and latency",
         cx.gateway
     ));
-    let args = BenchArgs {
-        url,
-        connections: 4,
-        duration: Some(format!("{}s", seconds.as_secs())),
-        amount: None,
-        rate: None,
-        method: "GET".into(),
-        body: None,
-        headers: Vec::new(),
-        json: true,
-        timeout: "10s".into(),
-        no_progress: true,
-    };
+    let args = BenchArgs::quiet_get(url, 4, seconds);
     let load = Load::from(loadgen::measure_quietly(args).await?);
     cx.note(&load.figures);
     cx.check(

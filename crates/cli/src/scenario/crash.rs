@@ -30,19 +30,7 @@ pub(crate) async fn instance_crash(cx: &Ctx) -> anyhow::Result<()> {
         "{}/ -> \"Services\": the instance is ejected, then returns; \"Events\"; \"Traffic\": no errors",
         cx.gateway
     ));
-    let args = BenchArgs {
-        url,
-        connections: 4,
-        duration: Some(format!("{}s", seconds.as_secs())),
-        amount: None,
-        rate: None,
-        method: "GET".into(),
-        body: None,
-        headers: Vec::new(),
-        json: true,
-        timeout: "10s".into(),
-        no_progress: true,
-    };
+    let args = BenchArgs::quiet_get(url, 4, seconds);
     let kill = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         control.kill(&victim.name).await
