@@ -15,6 +15,10 @@
 //!
 //! The group is created at id `0` with `MKSTREAM`, so a consumer starting for the first
 //! time also gets the events published before it existed.
+//!
+//! Streams stay bounded: at the reclaim cadence a consumer trims (`XTRIM MINID`) the
+//! entries every group of the stream has read and acknowledged, up to the oldest one
+//! some group still needs ([`trim_floor`]). A stream no group reads yet is left whole.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,7 +32,10 @@ use breakwater_runtime::observe::TraceContext;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamId, StreamInfoGroupsReply, StreamPendingReply, StreamReadOptions,
+    StreamReadReply, StreamTrimOptions, StreamTrimmingMode,
+};
 use redis::{AsyncCommands, AsyncConnectionConfig, Client, RedisResult};
 use tokio::sync::OnceCell;
 
@@ -121,6 +128,25 @@ impl Transport for StreamTransport {
         let _entry: Option<String> = conn.xadd(&key, "*", &fields).await.map_err(failed)?;
         Ok(())
     }
+}
+
+/// The id below which a stream's entries may go, given per group the oldest entry it
+/// still needs (its oldest pending entry, else the last one delivered to it, which is
+/// kept): the smallest of them. `None` (trim nothing) with no group, when a group has
+/// read nothing yet (`0-0`), or when an id does not parse.
+pub fn trim_floor(needs: &[String]) -> Option<String> {
+    fn parse(id: &str) -> Option<(u64, u64)> {
+        let (ms, seq) = id.split_once('-')?;
+        Some((ms.parse().ok()?, seq.parse().ok()?))
+    }
+    let mut floor: Option<(u64, u64)> = None;
+    for id in needs {
+        let id = parse(id)?;
+        floor = Some(floor.map_or(id, |f| f.min(id)));
+    }
+    floor
+        .filter(|&f| f != (0, 0))
+        .map(|(ms, seq)| format!("{ms}-{seq}"))
 }
 
 /// What a handler did with one event.
@@ -376,6 +402,7 @@ impl StreamConsumer {
                 // Now this consumer's own pending entries: the next round applies them.
                 return Ok(());
             }
+            self.trim(conn, &keys).await?;
         }
         let fresh = StreamReadOptions::default()
             .group(&s.group, &s.consumer)
@@ -433,6 +460,42 @@ impl StreamConsumer {
             .reclaimed
             .inc_by(u64::try_from(taken).unwrap_or(u64::MAX));
         Ok(taken)
+    }
+
+    /// Removes the entries every group has read and acknowledged; returns how many.
+    async fn trim(
+        &self,
+        conn: &mut MultiplexedConnection,
+        keys: &[String],
+    ) -> Result<usize, RoundError> {
+        let mut trimmed = 0;
+        for key in keys {
+            let info: StreamInfoGroupsReply = conn.xinfo_groups(key).await?;
+            let mut needs = Vec::with_capacity(info.groups.len());
+            for group in &info.groups {
+                let need = if group.pending == 0 {
+                    group.last_delivered_id.clone()
+                } else {
+                    match conn.xpending(key, &group.name).await? {
+                        StreamPendingReply::Data(data) => data.start_id,
+                        // Pending entries whose ids this reply does not give: keep
+                        // everything (`0-0` trims nothing).
+                        _ => "0-0".to_owned(),
+                    }
+                };
+                needs.push(need);
+            }
+            let Some(floor) = trim_floor(&needs) else {
+                continue;
+            };
+            let options = StreamTrimOptions::minid(StreamTrimmingMode::Exact, floor);
+            let removed: usize = conn.xtrim_options(key, &options).await?;
+            if removed > 0 {
+                tracing::debug!(stream = %key, removed, "trimmed entries every group acknowledged");
+            }
+            trimmed += removed;
+        }
+        Ok(trimmed)
     }
 
     /// Applies every entry of `reply` in order; returns how many were read. Stops at
@@ -705,6 +768,96 @@ mod tests {
         delete_keys(&url, &prefix).await;
     }
 
+    /// Appends an `order.created` entry for order `order_id` to `key`, as the relay would.
+    async fn add_order_created(conn: &mut MultiplexedConnection, key: &str, order_id: u64) {
+        let event = crate::outbox::Event::new(
+            ORDER_CREATED,
+            "2026-02-15T10:00:00.000Z".into(),
+            serde_json::json!({"orderId": order_id, "userId": 1, "products": ["Pen"],
+                               "timestamp": "2026-02-15T10:00:00.000Z"}),
+        );
+        let payload = serde_json::to_string(&event).unwrap();
+        let _: String = conn
+            .xadd(
+                key,
+                "*",
+                &[
+                    (FIELD_ID, event.id.as_str()),
+                    (FIELD_TYPE, ORDER_CREATED),
+                    (FIELD_EVENT, payload.as_str()),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn the_trim_floor_is_the_oldest_entry_any_group_needs() {
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            trim_floor(&ids(&["1700-3", "1700-1", "1800-0"])).as_deref(),
+            Some("1700-1")
+        );
+        assert_eq!(trim_floor(&ids(&["9-0", "10-0"])).as_deref(), Some("9-0"));
+        // Numeric, not text, order.
+        assert_eq!(trim_floor(&ids(&["10-0", "9-5"])).as_deref(), Some("9-5"));
+        assert_eq!(trim_floor(&ids(&[])), None, "no group: keep everything");
+        assert_eq!(
+            trim_floor(&ids(&["1700-1", "0-0"])),
+            None,
+            "a group read nothing"
+        );
+        assert_eq!(trim_floor(&ids(&["1700-1", "junk"])), None);
+    }
+
+    #[tokio::test]
+    async fn entries_every_group_acknowledged_are_trimmed_and_no_others() {
+        let Some(url) = redis_url() else { return };
+        let prefix = prefix("stream-trim");
+        let key = stream_key(&prefix, ORDER_CREATED);
+        let mut conn = connection(&url).await;
+        for group in [analytics::SERVICE_NAME, "another-consumer"] {
+            let () = conn.xgroup_create_mkstream(&key, group, "0").await.unwrap();
+        }
+        for order_id in 1..=3 {
+            add_order_created(&mut conn, &key, order_id).await;
+        }
+
+        let dir = TempDir::new("stream-trim");
+        let (metrics, handler) = analytics_in(&dir).await;
+        let consumer =
+            StreamConsumer::new(&url, handler, quick(&prefix, "analytics-trim")).unwrap();
+        let stats = consumer.stats();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        until("three applied", || stats.applied() == 3).await;
+        // Several trim rounds pass (every 150 ms here): the other group has read
+        // nothing, so every entry stays.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let len: usize = conn.xlen(&key).await.unwrap();
+        assert_eq!(len, 3);
+
+        // Without it, all but the last entry delivered go.
+        let _: usize = conn.xgroup_destroy(&key, "another-consumer").await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let len: usize = conn.xlen(&key).await.unwrap();
+            if len == 1 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still {len} entries"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(orders_created(&metrics).await, 3);
+        metrics.close().await;
+        delete_keys(&url, &prefix).await;
+    }
+
     #[tokio::test]
     async fn an_entry_pending_on_a_dead_consumer_is_taken_over() {
         let Some(url) = redis_url() else { return };
@@ -715,25 +868,7 @@ mod tests {
             .xgroup_create_mkstream(&key, analytics::SERVICE_NAME, "0")
             .await
             .unwrap();
-        let event = crate::outbox::Event::new(
-            ORDER_CREATED,
-            "2026-02-15T10:00:00.000Z".into(),
-            serde_json::json!({"orderId": 9, "userId": 1, "products": ["Pen"],
-                               "timestamp": "2026-02-15T10:00:00.000Z"}),
-        );
-        let payload = serde_json::to_string(&event).unwrap();
-        let _: String = conn
-            .xadd(
-                &key,
-                "*",
-                &[
-                    (FIELD_ID, event.id.as_str()),
-                    (FIELD_TYPE, ORDER_CREATED),
-                    (FIELD_EVENT, payload.as_str()),
-                ],
-            )
-            .await
-            .unwrap();
+        add_order_created(&mut conn, &key, 9).await;
         // A consumer reads it and dies before acknowledging.
         let read: Option<StreamReadReply> = conn
             .xread_options(
