@@ -166,6 +166,49 @@ try {
   await sleep(4000);
   await page.screenshot({ path: join(shotDir, "gateway-dashboard.png"), fullPage: true });
 
+  step("off loopback: a 401 from /admin asks for the token, kept for the tab, sent as a header");
+  {
+    // This gateway listens on loopback, where /admin is open; the guard of a public one
+    // is played here instead: /admin answers 401 unless the request carries the token.
+    const TOKEN = "browser-test-token";
+    const adminCalls = [];
+    const locked = await context.newPage();
+    locked.on("pageerror", err => { console.error(`page error: ${err.message}`); code = 1; });
+    await locked.route(u => u.pathname.startsWith("/admin/"), route => {
+      const req = route.request();
+      const auth = req.headers()["authorization"] || "";
+      const url = new URL(req.url());
+      adminCalls.push({ path: url.pathname, url: req.url(), auth });
+      if (auth === `Bearer ${TOKEN}`) return route.continue();
+      return route.fulfill({ status: 401, contentType: "application/json",
+        headers: { "www-authenticate": "Bearer", "x-breakwater-error": "unauthorized" },
+        body: JSON.stringify({ error: "Admin API needs Authorization: Bearer <token>" }) });
+    });
+    await locked.goto(gatewayUrl, { waitUntil: "domcontentloaded" });
+    for (const id of ["services", "traffic", "processes", "events"]) {
+      await locked.waitForSelector(`#${id} [data-token-form] input[type="password"]`, { timeout: 15000 });
+    }
+    await locked.waitForSelector("#users [data-status] .badge.ok", { timeout: 15000 });
+    assert(await locked.locator("#users [data-token-form]").count() === 0, "non-admin sections ask nothing");
+    await locked.fill("#services [data-token-form] input", TOKEN);
+    await locked.click('#services [data-token-form] button[type="submit"]');
+    for (const id of ["services", "traffic", "processes"]) {
+      await locked.waitForSelector(`#${id} [data-status] .badge.ok`, { timeout: 15000 });
+    }
+    await locked.waitForFunction(() => document.getElementById("events-status").textContent === "live",
+      null, { timeout: 15000 });
+    assert(await locked.locator("[data-token-form]").count() === 0, "token inputs gone once the token works");
+    const [kept, persistent, href] = await locked.evaluate(() =>
+      [sessionStorage.getItem("breakwater-admin-token"), localStorage.length, location.href]);
+    assert(kept === TOKEN, "token kept in sessionStorage");
+    assert(persistent === 0, "nothing in localStorage");
+    assert(!href.includes(TOKEN), "token not in the page's URL");
+    assert(adminCalls.every(c => !c.url.includes(TOKEN)), "token never in an /admin URL");
+    assert(adminCalls.some(c => c.path === "/admin/events" && c.auth === `Bearer ${TOKEN}`),
+      "the event stream sent the token");
+    await locked.close();
+  }
+
   step("registry dashboard lists services and instances");
   await page.goto(registryUrl, { waitUntil: "domcontentloaded" });
   await page.waitForSelector("#services-body [data-service] tr[data-instance] [data-remove]", { timeout: 10000 });

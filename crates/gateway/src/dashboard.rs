@@ -1,7 +1,11 @@
 //! `GET /`: the gateway dashboard, one self-contained HTML page (inline CSS and vanilla
 //! JS, no third-party file) that calls the gateway's own endpoints: the seed's four
 //! sections, then services with their instances and breakers (`/admin/services`, live
-//! through `/admin/events`), and SVG charts of the last minutes (`/admin/stats`).
+//! through `/admin/events`), and SVG charts of the last minutes (`/admin/stats`). Off
+//! loopback, an `/admin` call answered 401/403 makes the affected section ask for the
+//! admin token, which the page keeps in `sessionStorage` and sends as
+//! `Authorization: Bearer` on every `/admin` call; the event stream is read with
+//! `fetch` (not `EventSource`, which cannot send a header).
 
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
@@ -78,6 +82,18 @@ mod tests {
         ] {
             assert!(page.contains(id), "missing {id}");
         }
+        // The admin token: asked for on a 401/403, kept for the tab only, sent as a
+        // header (the event stream too, so it is read with fetch, not EventSource).
+        for part in [
+            "data-token",
+            "sessionStorage",
+            "authorization: `Bearer ${token}`",
+            "TextDecoderStream",
+        ] {
+            assert!(page.contains(part), "missing {part}");
+        }
+        assert!(!page.contains("localStorage"));
+        assert!(!page.contains("new EventSource"));
         assert!(!page.contains("<script src"), "no third-party files");
         assert!(!page.contains("<link"), "no third-party files");
     }

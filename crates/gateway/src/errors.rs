@@ -2,13 +2,17 @@
 //!
 //! Every response the gateway makes up itself (rather than relaying an upstream's) carries
 //! `x-breakwater-error: <cause>`, so a client, a log reader or a test can tell "the users
-//! service said 503" from "the gateway found no users service".
+//! service said 503" from "the gateway found no users service". A rate-limit refusal
+//! ([`GatewayError::RateLimited`]) also carries `Retry-After` and the `RateLimit-*`
+//! headers.
 
 use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use breakwater_runtime::http::{ApiError, method_not_allowed, not_found};
+
+use crate::limit::{RATELIMIT_LIMIT, RATELIMIT_POLICY, RATELIMIT_REMAINING, RATELIMIT_RESET};
 
 /// Header naming the cause of a gateway-made error.
 pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-breakwater-error");
@@ -85,6 +89,17 @@ pub enum GatewayError {
         /// When the breaker will admit a call again.
         retry_after: Duration,
     },
+    /// The route's rate limit refused the request.
+    #[error("Too many requests")]
+    RateLimited {
+        /// The quota (`RateLimit-Limit`).
+        limit: u32,
+        /// When the key's quota admits a request again (`Retry-After`, and
+        /// `RateLimit-Reset`).
+        retry_after: Duration,
+        /// The route's `RateLimit-Policy` value.
+        policy: HeaderValue,
+    },
     /// The client's body could not be read (it disconnected or sent bad framing).
     #[error("Could not read request body: {cause}")]
     BodyUnreadable {
@@ -119,6 +134,7 @@ impl GatewayError {
             | Self::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } | Self::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BodyUnreadable { .. } | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -137,13 +153,16 @@ impl GatewayError {
             Self::BreakerOpen { .. } => "breaker-open",
             Self::BodyUnreadable { .. } => "body-unreadable",
             Self::BadRequest { .. } => "bad-request",
+            Self::RateLimited { .. } => "rate-limited",
         }
     }
 
-    /// How long a client should wait before trying again, for the 503s.
+    /// How long a client should wait before trying again, for the 503s and 429s.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::BreakerOpen { retry_after, .. } => Some(*retry_after),
+            Self::BreakerOpen { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
+                Some(*retry_after)
+            }
             _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => Some(DEFAULT_RETRY_AFTER),
             _ => None,
         }
@@ -172,12 +191,21 @@ impl IntoResponse for GatewayError {
             tracing::debug!(cause = self.cause(), error = %self, "request refused");
         }
         let cause = self.cause();
-        let retry_after = self.retry_after();
+        let retry_after = self.retry_after().map(retry_after_value);
         let mut res = ApiError::new(status, self.to_string()).into_response();
         let headers = res.headers_mut();
+        if let Self::RateLimited { limit, policy, .. } = self {
+            headers.insert(RATELIMIT_LIMIT, HeaderValue::from(limit));
+            headers.insert(RATELIMIT_REMAINING, HeaderValue::from(0_u32));
+            // The whole quota is back when the next request is: the same whole seconds.
+            if let Some(wait) = &retry_after {
+                headers.insert(RATELIMIT_RESET, wait.clone());
+            }
+            headers.insert(RATELIMIT_POLICY, policy);
+        }
         headers.insert(ERROR_HEADER, HeaderValue::from_static(cause));
         if let Some(wait) = retry_after {
-            headers.insert(header::RETRY_AFTER, retry_after_value(wait));
+            headers.insert(header::RETRY_AFTER, wait);
         }
         res
     }
@@ -304,6 +332,29 @@ mod tests {
         assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
         assert_eq!(retry_after_value(Duration::ZERO), "1");
         assert_eq!(retry_after_value(Duration::from_secs(30)), "30");
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_refusal_is_a_429_with_its_quota_headers() {
+        let res = GatewayError::RateLimited {
+            limit: 5,
+            retry_after: Duration::from_millis(11_200),
+            policy: HeaderValue::from_static("5;w=60"),
+        }
+        .into_response();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let h = res.headers();
+        assert_eq!(h[header::RETRY_AFTER], "12");
+        assert_eq!(h[RATELIMIT_RESET], "12");
+        assert_eq!(h[RATELIMIT_LIMIT], "5");
+        assert_eq!(h[RATELIMIT_REMAINING], "0");
+        assert_eq!(h[RATELIMIT_POLICY], "5;w=60");
+        assert_eq!(h[ERROR_HEADER], "rate-limited");
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        assert_eq!(bytes, r#"{"error":"Too many requests"}"#);
     }
 
     #[tokio::test]

@@ -8,21 +8,25 @@
 //!
 //! Every answer carries the IETF draft's `RateLimit-Limit`, `RateLimit-Remaining` and
 //! `RateLimit-Reset` (seconds) headers plus `RateLimit-Policy`; a refusal is a ready 429
-//! with `Retry-After` and `x-breakwater-error: rate-limited`.
+//! with `Retry-After` and `x-breakwater-error: rate-limited`, made by
+//! [`GatewayError::RateLimited`] like every other gateway-made error.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use axum::Json;
 use axum::response::{IntoResponse, Response};
 use breakwater_resilience::rate_limit::{KeyedRateLimiter, RateQuota};
 use breakwater_resilience::redis_limit::{
     DecidedBy, DistributedLimit, FailMode, RedisLimitError, RedisRateLimiter,
 };
-use http::header::RETRY_AFTER;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
+
+use crate::errors::GatewayError;
+// What the tests read a refusal with.
+#[cfg(test)]
+use {crate::errors::ERROR_HEADER, http::StatusCode, http::header::RETRY_AFTER};
 
 /// `RateLimit-Limit`: requests allowed per window.
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -32,8 +36,6 @@ pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-r
 pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 /// `RateLimit-Policy`: the quota, as `<limit>;w=<window seconds>`.
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-/// The header naming the cause of a gateway-made error.
-const ERROR_HEADER: HeaderName = HeaderName::from_static("x-breakwater-error");
 /// The header an API key arrives in.
 const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// Longest header value used as a key: longer values share the bucket of their prefix,
@@ -155,18 +157,12 @@ impl RouteLimiter {
         };
         match decision {
             Ok(info) => Ok(self.rate_headers(info.limit, info.remaining, ceil_secs(info.reset))),
-            Err(limited) => {
-                let retry_after = ceil_secs(limited.retry_after).max(1);
-                let mut headers = self.rate_headers(limited.limit, 0, retry_after);
-                headers.insert(RETRY_AFTER, HeaderValue::from(retry_after));
-                headers.insert(ERROR_HEADER, HeaderValue::from_static("rate-limited"));
-                Err((
-                    StatusCode::TOO_MANY_REQUESTS,
-                    headers,
-                    Json(serde_json::json!({ "error": "Too many requests" })),
-                )
-                    .into_response())
+            Err(limited) => Err(GatewayError::RateLimited {
+                limit: limited.limit,
+                retry_after: limited.retry_after,
+                policy: self.policy.clone(),
             }
+            .into_response()),
         }
     }
 

@@ -8,12 +8,18 @@
 //! label set is seen. The two per-request records ([`Metrics::request`] and
 //! [`Metrics::attempt`]) go one step further: each thread keeps the handles it used last
 //! ([`HotHandles`]), found by comparing label values, with no lock and no hashing.
+//!
+//! Series labelled by instance (`upstream_attempts_total`, `ejections_total`) would grow
+//! without bound as instances come and go, so [`Metrics::instances_now`] tells it each
+//! service's current instances ([`Departures`]): the series of an instance that left are
+//! removed once it has been gone for [`DEPARTED_GRACE`] (so a scrape still sees its last
+//! counts), checked on every endpoint-set change and every render.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -27,6 +33,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use tokio::time::Instant;
 
 /// Latency buckets for a proxy, in seconds: 0.5 ms to 10 s in 1-2.5-5 steps.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -38,6 +45,10 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// `Content-Type` of [`Metrics::render_prometheus_text`].
 pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// How long the series of an instance that left its service stay: several scrape
+/// intervals, so that the counts of its last moments (often its failures) are scraped.
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(300);
 
 /// How one upstream attempt ended, as the `outcome` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +68,16 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
+    /// Every outcome, for removing all of an instance's series.
+    const ALL: [Self; 6] = [
+        Self::Success,
+        Self::Status5xx,
+        Self::ConnectError,
+        Self::Timeout,
+        Self::ProtocolError,
+        Self::Status4xx,
+    ];
+
     /// The label value: `success`, `5xx`, `connect_error`, `timeout`, `protocol_error`,
     /// `4xx`.
     pub fn as_str(self) -> &'static str {
@@ -150,6 +171,16 @@ impl<M> std::fmt::Debug for Handles<M> {
 }
 
 impl<M> Handles<M> {
+    /// The label keys of every handle.
+    fn keys(&self) -> Vec<Box<str>> {
+        self.by_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// Runs `record` on the handle for `key`, creating it with `create` the first time.
     fn with<R>(&self, key: &str, create: impl FnOnce() -> M, record: impl FnOnce(&M) -> R) -> R {
         // A poisoned table is still a valid map: every write is a single insert.
@@ -195,6 +226,8 @@ struct HotRequest {
 
 struct HotAttempt {
     metrics: u64,
+    /// [`Metrics::generation`] when it was taken: series removed since may include it.
+    generation: u64,
     outcome: &'static str,
     service: Box<str>,
     instance: Box<str>,
@@ -240,6 +273,28 @@ fn with_key<R>(parts: &[&str], f: impl FnOnce(&str) -> R) -> R {
             f(&buf)
         }
     })
+}
+
+/// The parts [`with_key`] joined, or `None` for a string it did not make.
+fn key_parts(key: &str) -> Option<Vec<&str>> {
+    let mut parts = Vec::new();
+    let mut rest = key;
+    while !rest.is_empty() {
+        let (len, tail) = rest.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        parts.push(tail.get(..len)?);
+        rest = tail.get(len..)?;
+    }
+    Some(parts)
+}
+
+/// Each service's instances as of its last endpoint-set change, and since when each
+/// instance that still has series has been gone from it.
+#[derive(Debug)]
+struct Departures {
+    live: HashMap<Box<str>, HashSet<Box<str>>>,
+    gone_since: HashMap<(Box<str>, Box<str>), Instant>,
+    grace: Duration,
 }
 
 /// The method as a bounded label value: extension methods are `OTHER`, so a client
@@ -294,6 +349,10 @@ pub struct Metrics {
     cache: Family<CacheLabels, Counter>,
     cache_by_route: Handles<[Counter; 2]>,
     redis_fallbacks: Family<RedisLabels, Counter>,
+    departures: Mutex<Departures>,
+    /// Bumped whenever series are removed, so that no thread keeps recording into a
+    /// removed series through its [`HotHandles`].
+    generation: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -424,7 +483,111 @@ impl Metrics {
             cache,
             cache_by_route: Handles::default(),
             redis_fallbacks,
+            departures: Mutex::new(Departures {
+                live: HashMap::new(),
+                gone_since: HashMap::new(),
+                grace: DEPARTED_GRACE,
+            }),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// `service`'s instances now (its endpoint set changed). Series of its other
+    /// instances are removed once those have been gone for the grace period
+    /// ([`DEPARTED_GRACE`] unless [`Metrics::set_departed_grace`] says otherwise); an
+    /// instance that comes back before that keeps its series. Services never named here
+    /// keep all their series.
+    pub fn instances_now<'a>(&self, service: &str, instances: impl IntoIterator<Item = &'a str>) {
+        let live: HashSet<Box<str>> = instances.into_iter().map(Box::from).collect();
+        {
+            let mut departures = lock(&self.departures);
+            departures
+                .gone_since
+                .retain(|(s, i), _| **s != *service || !live.contains(i));
+            departures.live.insert(service.into(), live);
+        }
+        self.sweep_departed(Instant::now());
+    }
+
+    /// How long the series of an instance that left stay.
+    pub fn set_departed_grace(&self, grace: Duration) {
+        lock(&self.departures).grace = grace;
+    }
+
+    /// Removes the series of instances gone from their service for the grace period.
+    /// An attempt that ends after its instance left may create a series again; the next
+    /// sweep (at the latest the next render) starts its grace period.
+    fn sweep_departed(&self, now: Instant) {
+        let mut departures = lock(&self.departures);
+        if departures.live.is_empty() {
+            return;
+        }
+        let present: HashSet<(Box<str>, Box<str>)> = self
+            .attempts_by_key
+            .keys()
+            .into_iter()
+            .chain(self.ejections_by_key.keys())
+            .filter_map(|key| match key_parts(&key)?.as_slice() {
+                [service, instance, ..] => Some((Box::from(*service), Box::from(*instance))),
+                _ => None,
+            })
+            .collect();
+        // Departures whose series are gone need no clock any more.
+        departures.gone_since.retain(|key, _| present.contains(key));
+        let grace = departures.grace;
+        let mut expired = Vec::new();
+        for key in present {
+            let Some(live) = departures.live.get(&key.0) else {
+                continue;
+            };
+            if live.contains(&key.1) {
+                continue;
+            }
+            let since = *departures.gone_since.entry(key.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= grace {
+                departures.gone_since.remove(&key);
+                expired.push(key);
+            }
+        }
+        if expired.is_empty() {
+            return;
+        }
+        for (service, instance) in &expired {
+            self.remove_instance_series(service, instance);
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(
+            removed = expired.len(),
+            "metric series of departed instances removed"
+        );
+    }
+
+    fn remove_instance_series(&self, service: &str, instance: &str) {
+        {
+            let mut handles = self
+                .attempts_by_key
+                .by_key
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for outcome in AttemptOutcome::ALL.map(AttemptOutcome::as_str) {
+                with_key(&[service, instance, outcome], |key| handles.remove(key));
+                self.attempts.remove(&AttemptLabels {
+                    service: service.to_owned(),
+                    instance: instance.to_owned(),
+                    outcome,
+                });
+            }
+        }
+        let mut handles = self
+            .ejections_by_key
+            .by_key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        with_key(&[service, instance], |key| handles.remove(key));
+        self.ejections.remove(&EndpointLabels {
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+        });
     }
 
     /// The counter of `redis_fallbacks_total{kind}`, for the part that meets Redis
@@ -503,9 +666,11 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let outcome = outcome.as_str();
+        let generation = self.generation.load(Ordering::Acquire);
         let recorded = with_hot(|hot| {
             let found = hot.attempts.iter().find(|h| {
                 h.metrics == self.id
+                    && h.generation == generation
                     && h.outcome == outcome
                     && *h.instance == *instance
                     && *h.service == *service
@@ -543,11 +708,14 @@ impl Metrics {
         count.inc();
         duration.observe(seconds(elapsed));
         with_hot(|hot| {
+            hot.attempts
+                .retain(|h| h.metrics != self.id || h.generation == generation);
             if hot.attempts.len() >= HOT_MAX {
                 hot.attempts.clear();
             }
             hot.attempts.push(HotAttempt {
                 metrics: self.id,
+                generation,
                 outcome,
                 service: service.into(),
                 instance: instance.into(),
@@ -671,6 +839,7 @@ impl Metrics {
 
     /// Every series in the OpenMetrics text format ([`OPENMETRICS_CONTENT_TYPE`]).
     pub fn render(&self) -> String {
+        self.sweep_departed(Instant::now());
         let mut out = String::new();
         // Encoding into a String cannot fail; an error would only truncate the output.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -680,6 +849,7 @@ impl Metrics {
     /// Every series in the Prometheus text format 0.0.4
     /// ([`PROMETHEUS_TEXT_CONTENT_TYPE`]), for scrapers that do not ask for OpenMetrics.
     pub fn render_prometheus_text(&self) -> String {
+        self.sweep_departed(Instant::now());
         let mut out = String::new();
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
@@ -721,6 +891,11 @@ impl Metrics {
                 .into_response()
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update of the guarded maps is a single insert or removal.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A status code's decimal digits without allocating.
@@ -871,6 +1046,83 @@ mod tests {
             m.render()
                 .contains(r#"requests_total{route="users",method="GET",status="200"} 4000"#)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn series_of_departed_instances_go_after_the_grace_and_live_ones_stay() {
+        let m = Metrics::new();
+        for instance in ["users-1", "users-2"] {
+            m.attempt("users", instance, AttemptOutcome::Success, MS);
+            m.attempt("users", instance, AttemptOutcome::Timeout, MS);
+            m.ejection("users", instance);
+        }
+        m.attempt("orders", "orders-1", AttemptOutcome::Success, MS);
+        m.instances_now("users", ["users-1", "users-2"]);
+        m.instances_now("users", ["users-1"]);
+        let gone = r#"instance="users-2""#;
+        assert!(m.render().contains(gone), "kept during the grace period");
+
+        tokio::time::advance(DEPARTED_GRACE - MS).await;
+        assert!(m.render().contains(gone));
+        tokio::time::advance(MS).await;
+        let text = m.render();
+        assert!(!text.contains(gone), "{text}");
+        for kept in [
+            r#"upstream_attempts_total{service="users",instance="users-1",outcome="success"} 1"#,
+            r#"upstream_attempts_total{service="users",instance="users-1",outcome="timeout"} 1"#,
+            r#"ejections_total{service="users",instance="users-1"} 1"#,
+            // A service whose instances were never reported keeps every series.
+            r#"upstream_attempts_total{service="orders",instance="orders-1",outcome="success"} 1"#,
+        ] {
+            assert!(text.contains(kept), "missing {kept} in\n{text}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_back_within_the_grace_keeps_its_series_and_one_back_later_starts_anew() {
+        let m = Metrics::new();
+        m.set_departed_grace(Duration::from_secs(10));
+        m.attempt("users", "users-2", AttemptOutcome::Success, MS);
+        m.instances_now("users", []);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        m.instances_now("users", ["users-2"]);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let series =
+            r#"upstream_attempts_total{service="users",instance="users-2",outcome="success"}"#;
+        assert!(m.render().contains(&format!("{series} 1")));
+
+        m.instances_now("users", []);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!m.render().contains(series));
+        // Back on the same id: recorded again through a fresh handle, not one this
+        // thread kept for the removed series.
+        m.instances_now("users", ["users-2"]);
+        m.attempt("users", "users-2", AttemptOutcome::Success, MS);
+        m.attempt("users", "users-2", AttemptOutcome::Success, MS);
+        assert!(
+            m.render().contains(&format!("{series} 2")),
+            "{}",
+            m.render()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_ending_after_its_instance_left_is_swept_again() {
+        let m = Metrics::new();
+        m.set_departed_grace(Duration::ZERO);
+        m.instances_now("users", ["users-1"]);
+        m.attempt("users", "users-9", AttemptOutcome::ConnectError, MS);
+        assert!(!m.render().contains("users-9"));
+        assert!(m.departures.lock().unwrap().gone_since.is_empty());
+    }
+
+    #[test]
+    fn keys_split_back_into_their_parts() {
+        with_key(&["a:b", "", "c"], |key| {
+            assert_eq!(key_parts(key), Some(vec!["a:b", "", "c"]));
+        });
+        assert_eq!(key_parts("3:ab"), None);
+        assert_eq!(key_parts("x:ab"), None);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::route::{RouteMatch, RouteTable};
 use crate::stack::{self, RouteLabel};
-use crate::upstream::{EjectionChange, Upstream, UpstreamObserver, Upstreams};
+use crate::upstream::{EjectionChange, EndpointSet, Upstream, UpstreamObserver, Upstreams};
 
 /// Responses the gateway's cache holds at most.
 const CACHE_ENTRIES: u64 = 10_000;
@@ -318,6 +318,11 @@ impl UpstreamObserver for GatewayObserver {
                 "at_unix_ms": transition.at_unix_ms,
             }),
         ));
+    }
+
+    fn endpoints_changed(&self, service: &str, set: &EndpointSet) {
+        let ids = set.endpoints.iter().map(|e| &*e.id);
+        self.metrics.instances_now(service, ids);
     }
 
     fn ejection(&self, service: &str, change: &EjectionChange) {

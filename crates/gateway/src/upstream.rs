@@ -49,6 +49,9 @@ pub trait UpstreamObserver: Send + Sync + fmt::Debug {
     fn breaker_transition(&self, service: &str, transition: &Transition);
     /// An endpoint was ejected, or came back.
     fn ejection(&self, service: &str, change: &EjectionChange);
+    /// `service`'s endpoint set was rebuilt with other endpoints: `set` is what it has
+    /// now (metrics drop the series of instances that left).
+    fn endpoints_changed(&self, _service: &str, _set: &EndpointSet) {}
 }
 
 /// An observer that ignores everything (tests, tools).
@@ -267,8 +270,11 @@ impl Upstream {
                 endpoints = next.endpoints.len(),
                 "endpoint set changed"
             );
+            self.endpoints.store(Arc::clone(&next));
+            self.observer.endpoints_changed(&self.name, &next);
+        } else {
+            self.endpoints.store(Arc::clone(&next));
         }
-        self.endpoints.store(Arc::clone(&next));
         next
     }
 
@@ -1051,6 +1057,37 @@ mod tests {
         );
         assert_eq!(second.endpoints[0].outstanding(), 1);
         assert_eq!(&*second.endpoints[1].id, "svc-127.0.0.1-3");
+    }
+
+    #[derive(Debug, Default)]
+    struct SetChanges(Mutex<Vec<Vec<String>>>);
+
+    impl UpstreamObserver for SetChanges {
+        fn breaker_created(&self, _: &str) {}
+        fn breaker_transition(&self, _: &str, _: &Transition) {}
+        fn ejection(&self, _: &str, _: &EjectionChange) {}
+        fn endpoints_changed(&self, _: &str, set: &EndpointSet) {
+            let ids = set.endpoints.iter().map(|e| e.id.to_string()).collect();
+            self.0.lock().unwrap().push(ids);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_observer_hears_of_each_changed_endpoint_set_only() {
+        let changes = Arc::new(SetChanges::default());
+        let ups = Upstreams::new(Arc::clone(&changes) as Arc<dyn UpstreamObserver>);
+        let up = ups.get_or_create("svc", &policy(50));
+        up.endpoints_for(&instances(&[1, 2]));
+        // A new discovery answer with the same instances changes no endpoint.
+        up.endpoints_for(&instances(&[1, 2]));
+        up.endpoints_for(&instances(&[2]));
+        assert_eq!(
+            *changes.0.lock().unwrap(),
+            [
+                vec!["svc-127.0.0.1-1".to_owned(), "svc-127.0.0.1-2".to_owned()],
+                vec!["svc-127.0.0.1-2".to_owned()],
+            ]
+        );
     }
 
     #[test]

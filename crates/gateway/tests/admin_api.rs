@@ -199,6 +199,45 @@ async fn off_loopback_the_admin_api_needs_the_token_or_does_not_exist() {
     );
 }
 
+/// The dashboard reads the event stream with `fetch`, so the stream takes the token the
+/// way every other admin call does: in the `Authorization` header, never in the URL
+/// (where access logs, history and `Referer` would keep it).
+#[tokio::test]
+async fn off_loopback_the_event_stream_takes_the_token_in_the_header_only() {
+    let registry = FakeRegistry::start().await;
+    let gw = app(locked_state(&registry.url, Some("s3cret")));
+    let events = |uri: &str, auth: Option<&str>| {
+        let mut req = Request::get(uri).header("accept", "text/event-stream");
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        gw.clone().oneshot(req.body(Body::empty()).unwrap())
+    };
+    for uri in [
+        "/admin/events",
+        "/admin/events?token=s3cret",
+        "/admin/events?access_token=s3cret",
+    ] {
+        let res = events(uri, None).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{uri}");
+        assert_eq!(res.headers()["x-breakwater-error"], "unauthorized");
+        assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    }
+    let res = events("/admin/events", Some("Bearer wrong")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+    let res = events("/admin/events", Some("Bearer s3cret"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(
+        res.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+}
+
 #[tokio::test]
 async fn events_stream_reloads_and_ejections_as_server_sent_events() {
     let registry = FakeRegistry::start().await;

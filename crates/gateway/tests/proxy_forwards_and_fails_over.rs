@@ -211,7 +211,13 @@ async fn a_dead_instance_costs_no_client_error() {
             instance(USERS, b.addr),
         ],
     );
-    let gw = gateway(&registry.url);
+    // Round-robin, so that "both live instances share the load" holds whatever the
+    // machine's load does to latencies (P2C over peak EWMA would rightly send every
+    // request to the one that happened to answer faster).
+    let gw = breakwater_gateway::app(gateway_state_with(
+        &registry.url,
+        &users_route("[routes.policy]\nbalance = \"round-robin\""),
+    ));
 
     let mut served_by = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..30 {
