@@ -172,6 +172,10 @@ pub struct PublisherArgs {
     /// Start of the event streams' keys (publishers and consumers must agree).
     #[arg(long, default_value = "breakwater")]
     pub events_prefix: String,
+    /// Secret sent as `Authorization: Bearer` with every event POSTed to its consumer
+    /// (analytics' --events-token). Prefer the environment variable: argv shows in `ps`.
+    #[arg(long, env = "BREAKWATER_EVENTS_TOKEN", hide_env_values = true)]
+    pub events_token: Option<String>,
 }
 
 /// `breakwater service analytics`. Flags override the seed's environment variables
@@ -212,6 +216,11 @@ pub struct AnalyticsArgs {
     /// `<events-prefix>:events:order.created` with a consumer group.
     #[arg(long, default_value = "breakwater")]
     pub events_prefix: String,
+    /// Secret `POST /events` requires as `Authorization: Bearer` (the publishers'
+    /// --events-token); without it events are accepted from any caller. Prefer the
+    /// environment variable: argv shows in `ps`.
+    #[arg(long, env = "BREAKWATER_EVENTS_TOKEN", hide_env_values = true)]
+    pub events_token: Option<String>,
 }
 
 /// `breakwater service data`.

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use breakwater_services::analytics::{AnalyticsOverrides, AnalyticsSettings};
 use breakwater_services::data::DataSettings;
+use breakwater_services::outbox::EventsToken;
 use breakwater_services::unstable::UnstableSettings;
 use breakwater_services::{EventSettings, ServiceError, ServiceKind, ServiceOptions};
 
@@ -229,8 +230,8 @@ fn service_options(
 ) -> Result<(ServiceKind, ServiceCommon, ServiceOptions), UsageError> {
     let mut options = ServiceOptions::default();
     let (kind, common) = match command {
-        ServiceCommand::Users(p) => (ServiceKind::Users, publisher(&mut options, p)),
-        ServiceCommand::Orders(p) => (ServiceKind::Orders, publisher(&mut options, p)),
+        ServiceCommand::Users(p) => (ServiceKind::Users, publisher(&mut options, p)?),
+        ServiceCommand::Orders(p) => (ServiceKind::Orders, publisher(&mut options, p)?),
         ServiceCommand::Analytics(a) => {
             options.analytics = AnalyticsSettings::from_env_and(&AnalyticsOverrides {
                 rate_limit_window: a.rate_limit_window,
@@ -248,6 +249,7 @@ fn service_options(
             options.events = EventSettings {
                 redis_url: options.analytics.redis_url.clone(),
                 prefix: a.events_prefix,
+                token: events_token(a.events_token.as_deref())?,
             };
             (ServiceKind::Analytics, a.common)
         }
@@ -290,12 +292,23 @@ fn service_options(
 }
 
 /// Where a users or orders instance publishes its events; returns its common flags.
-fn publisher(options: &mut ServiceOptions, args: PublisherArgs) -> ServiceCommon {
+fn publisher(
+    options: &mut ServiceOptions,
+    args: PublisherArgs,
+) -> Result<ServiceCommon, UsageError> {
     options.events = EventSettings {
         redis_url: args.redis,
         prefix: args.events_prefix,
+        token: events_token(args.events_token.as_deref())?,
     };
-    args.common
+    Ok(args.common)
+}
+
+/// `--events-token` (or `BREAKWATER_EVENTS_TOKEN`) checked; the error never shows it.
+fn events_token(token: Option<&str>) -> Result<Option<EventsToken>, UsageError> {
+    token
+        .map(|t| EventsToken::new(t).map_err(|e| UsageError(format!("--events-token: {e}"))))
+        .transpose()
 }
 
 fn check_url(flag: &str, url: &str) -> Result<(), UsageError> {
@@ -326,6 +339,35 @@ pub fn default_data_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options_of(argv: &[&str]) -> Result<ServiceOptions, UsageError> {
+        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+        let crate::cli::Command::Service(args) = cli.command else {
+            panic!("not a service")
+        };
+        service_options(args.service).map(|(_, _, options)| options)
+    }
+
+    #[test]
+    fn the_events_token_reaches_senders_and_analytics_and_is_checked() {
+        let token = EventsToken::new("shared-secret").unwrap();
+        for kind in ["users", "orders", "analytics"] {
+            let options = options_of(&[
+                "breakwater",
+                "service",
+                kind,
+                "--events-token",
+                "shared-secret",
+            ])
+            .unwrap();
+            assert_eq!(options.events.token.as_ref(), Some(&token), "{kind}");
+        }
+        let err = options_of(&["breakwater", "service", "orders", "--events-token", "a b"])
+            .unwrap_err()
+            .0;
+        assert!(err.starts_with("--events-token:"), "{err}");
+        assert!(!err.contains("a b"), "the value is not echoed: {err}");
+    }
 
     #[test]
     fn registry_url_must_be_http() {

@@ -106,6 +106,10 @@ pub struct AnalyticsSettings {
     /// Start of every analytics key in Redis, so deployments can share one server. No
     /// environment variable. Default [`DEFAULT_REDIS_PREFIX`].
     pub redis_prefix: String,
+    /// When set, `POST /events` requires `Authorization: Bearer <token>` (the token the
+    /// system's relays send). Not read here: the CLI's `--events-token`
+    /// (`BREAKWATER_EVENTS_TOKEN`). Default: none, events accepted from any caller.
+    pub events_token: Option<crate::outbox::EventsToken>,
 }
 
 impl Default for AnalyticsSettings {
@@ -120,6 +124,7 @@ impl Default for AnalyticsSettings {
             summary_ttl: Duration::from_secs(60),
             redis_url: None,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            events_token: None,
         }
     }
 }
@@ -305,6 +310,7 @@ pub struct AnalyticsState<S = SqliteMetrics, C = MemorySummaryCache, U = HttpUps
     limiter: ClientLimiter,
     breaker: Breaker,
     external_timeout: Duration,
+    events_token: Option<crate::outbox::EventsToken>,
 }
 
 impl<S: MetricStore, C: SummaryCache, U: Upstream> AnalyticsState<S, C, U> {
@@ -330,6 +336,7 @@ impl<S: MetricStore, C: SummaryCache, U: Upstream> AnalyticsState<S, C, U> {
             limiter: settings.limiter()?,
             breaker: Breaker::named(SERVICE_NAME, settings.breaker_config()),
             external_timeout: settings.external_timeout,
+            events_token: settings.events_token.clone(),
         })
     }
 
@@ -341,8 +348,9 @@ impl<S: MetricStore, C: SummaryCache, U: Upstream> AnalyticsState<S, C, U> {
 
 /// The analytics service's routes: `GET /health`, `POST /api/metrics` (rate limited
 /// per client), `GET /api/metrics/summary`, `GET /api/external-data`, `POST /events`
-/// (internal: events from other services' outboxes; not rate limited and, for now,
-/// accepted from any caller), with JSON 404/405 fallbacks and permissive CORS.
+/// (internal: events from other services' outboxes; not rate limited, and only with the
+/// events token when [`AnalyticsSettings::events_token`] is set), with JSON 404/405
+/// fallbacks and permissive CORS.
 pub fn app<S, C, U>(state: AnalyticsState<S, C, U>) -> Router
 where
     S: MetricStore + 'static,

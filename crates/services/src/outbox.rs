@@ -6,18 +6,22 @@
 //!   A row is written by [`append`] inside the transaction of the change it announces,
 //!   so the change and its event commit or fail together.
 //! - [`relay`]: the background task that claims rows under a lease, hands them to a
-//!   [`relay::Transport`] and marks them delivered on success.
+//!   [`relay::Transport`] and marks them delivered on success, or dead when the
+//!   consumer refuses the event for good.
 //! - [`stream`]: [`stream::StreamTransport`], delivery by `XADD` to a Redis stream per
 //!   topic, for consumers reading with a consumer group.
 //! - Trace context: [`with_traceparent`] (or the [`trace_scope`] middleware) makes the
 //!   W3C `traceparent` of the request that causes a change travel with its event, in
 //!   the row's `traceparent` column, so the consumer continues that trace.
+//! - [`EventsToken`]: the shared secret the HTTP relay sends and analytics' `POST
+//!   /events` requires, so only the system's own relays inject events.
 //!
 //! Retention: a row that was delivered, or whose topic has no subscriber in
 //! [`relay::Routes`] (today `user.created`), is deleted once it is older than
 //! [`relay::RelaySettings::retention`] (7 days by default). A routed row that was never
 //! delivered is kept until it is: a consumer that is down gets its events when it
-//! comes back.
+//! comes back. A dead row (`dead_at` set, with the consumer's answer in `last_error`)
+//! is never claimed again and never pruned: it stays for an operator to look at.
 
 pub mod relay;
 pub mod stream;
@@ -35,6 +39,7 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use breakwater_runtime::clock::{iso8601_now, now_millis};
 
+use crate::settings::InvalidSetting;
 use crate::storage::{Order, StorageError, User};
 
 /// Topic of the event a new user emits.
@@ -62,6 +67,71 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (available_at) WHERE deliver
 /// Migration step giving each outbox row the `traceparent` of the request that caused
 /// it. Rows written before (and changes made outside any request) have none.
 pub(crate) const TRACE_STEP: &str = "ALTER TABLE outbox ADD COLUMN traceparent TEXT NULL;";
+
+/// Migration step for dead letters: `dead_at` is when the consumer refused the event
+/// for good (a permanent 4xx), `last_error` what it said. Older rows have neither.
+pub(crate) const DEAD_STEP: &str = r#"
+ALTER TABLE outbox ADD COLUMN dead_at INTEGER NULL;
+ALTER TABLE outbox ADD COLUMN last_error TEXT NULL;
+"#;
+
+/// The environment variable holding the [`EventsToken`] (`--events-token`).
+pub const EVENTS_TOKEN_ENV: &str = "BREAKWATER_EVENTS_TOKEN";
+
+/// The secret shared by the relays that send events over HTTP and the consumer that
+/// receives them (`Authorization: Bearer <token>`). Its `Debug` hides the value;
+/// equality is compared in constant time.
+#[derive(Clone)]
+pub struct EventsToken(std::sync::Arc<str>);
+
+impl EventsToken {
+    /// Longest token accepted.
+    pub const MAX_CHARS: usize = 1024;
+
+    /// `token`, if it can travel in a header: 1 to [`Self::MAX_CHARS`] visible ASCII
+    /// characters. The error names `events_token` and not the value.
+    pub fn new(token: &str) -> Result<Self, InvalidSetting> {
+        if token.is_empty() || token.len() > Self::MAX_CHARS {
+            return Err(InvalidSetting::new(
+                "events_token",
+                format!("must be 1 to {} characters", Self::MAX_CHARS),
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(InvalidSetting::new(
+                "events_token",
+                "must be visible ASCII characters only (no spaces)",
+            ));
+        }
+        Ok(Self(token.into()))
+    }
+
+    /// The token itself, to send.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `offered` is the token, without an early exit, so the time an answer
+    /// takes does not tell how much of a guess was right.
+    pub fn matches(&self, offered: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), offered.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0_u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl PartialEq for EventsToken {
+    fn eq(&self, other: &Self) -> bool {
+        self.matches(&other.0)
+    }
+}
+
+impl Eq for EventsToken {}
+
+impl std::fmt::Debug for EventsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventsToken(<hidden>)")
+    }
+}
 
 tokio::task_local! {
     /// The `traceparent` events appended in this task carry. A task-local rather than a
@@ -204,12 +274,16 @@ pub struct OutboxRecord {
     pub attempts: u32,
     /// The `traceparent` of the request that caused the event, if any.
     pub traceparent: Option<String>,
+    /// Milliseconds since the epoch when the consumer refused it for good, if it did.
+    pub dead_at: Option<i64>,
+    /// What the consumer answered when it refused the event for good.
+    pub last_error: Option<String>,
 }
 
 /// The outbox as the relay sees it. Times are milliseconds since the epoch, passed in
 /// so that leases are testable without waiting.
 pub trait OutboxStore: Send + Sync {
-    /// Takes up to `limit` undelivered rows of `topics` that are available at `now`,
+    /// Takes up to `limit` undelivered, not dead rows of `topics` that are available at `now`,
     /// oldest first, under a fresh claim: they stay unavailable to every other claim
     /// until `now + lease_ms` unless put back. Counts an attempt on each.
     fn claim(
@@ -234,8 +308,17 @@ pub trait OutboxStore: Send + Sync {
         claim: &str,
         at: i64,
     ) -> impl Future<Output = Result<bool, StorageError>> + Send;
+    /// Marks row `id` dead at `now` with `error` (what the consumer said): never
+    /// claimed again, never pruned. Only while `claim` still holds it; false otherwise.
+    fn dead(
+        &self,
+        id: &str,
+        claim: &str,
+        now: i64,
+        error: &str,
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
     /// Deletes rows created before `before` that were delivered or whose topic is not
-    /// in `routed`; returns how many.
+    /// in `routed`, except dead ones; returns how many.
     fn prune(
         &self,
         routed: &[&str],
@@ -258,7 +341,8 @@ impl SqliteOutbox {
     /// The row of event `id`, `None` if there is none.
     pub async fn record(&self, id: &str) -> Result<Option<OutboxRecord>, StorageError> {
         let row = sqlx::query(
-            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent FROM outbox WHERE id = ?",
+            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent, dead_at, \
+             last_error FROM outbox WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -269,8 +353,8 @@ impl SqliteOutbox {
     /// Every row, oldest first.
     pub async fn records(&self) -> Result<Vec<OutboxRecord>, StorageError> {
         let rows = sqlx::query(
-            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent FROM outbox \
-             ORDER BY created_at, id",
+            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent, dead_at, \
+             last_error FROM outbox ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -315,6 +399,19 @@ impl OutboxStore for SharedOutbox {
         }
     }
 
+    async fn dead(
+        &self,
+        id: &str,
+        claim: &str,
+        now: i64,
+        error: &str,
+    ) -> Result<bool, StorageError> {
+        match self {
+            Self::Sqlite(o) => o.dead(id, claim, now, error).await,
+            Self::Postgres(o) => o.dead(id, claim, now, error).await,
+        }
+    }
+
     async fn prune(&self, routed: &[&str], before: i64) -> Result<u64, StorageError> {
         match self {
             Self::Sqlite(o) => o.prune(routed, before).await,
@@ -341,6 +438,8 @@ fn record_from_row(row: &SqliteRow) -> Result<OutboxRecord, StorageError> {
         created_at: row.try_get("created_at")?,
         delivered_at: row.try_get("delivered_at")?,
         traceparent: row.try_get("traceparent")?,
+        dead_at: row.try_get("dead_at")?,
+        last_error: row.try_get("last_error")?,
         id,
     })
 }
@@ -366,7 +465,7 @@ impl OutboxStore for SqliteOutbox {
         let rows = sqlx::query(
             "UPDATE outbox SET claim = ?1, available_at = ?2 + ?3, attempts = attempts + 1 \
              WHERE id IN (SELECT id FROM outbox \
-                 WHERE delivered_at IS NULL AND available_at <= ?2 \
+                 WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= ?2 \
                    AND topic IN (SELECT value FROM json_each(?4)) \
                  ORDER BY created_at, id LIMIT ?5) \
              RETURNING id, topic, payload, attempts, created_at, traceparent",
@@ -424,9 +523,29 @@ impl OutboxStore for SqliteOutbox {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn dead(
+        &self,
+        id: &str,
+        claim: &str,
+        now: i64,
+        error: &str,
+    ) -> Result<bool, StorageError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET dead_at = ?, last_error = ?, claim = NULL \
+             WHERE id = ? AND claim = ? AND delivered_at IS NULL AND dead_at IS NULL",
+        )
+        .bind(now)
+        .bind(error)
+        .bind(id)
+        .bind(claim)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn prune(&self, routed: &[&str], before: i64) -> Result<u64, StorageError> {
         let done = sqlx::query(
-            "DELETE FROM outbox WHERE created_at < ? \
+            "DELETE FROM outbox WHERE created_at < ? AND dead_at IS NULL \
              AND (delivered_at IS NOT NULL OR topic NOT IN (SELECT value FROM json_each(?)))",
         )
         .bind(before)
@@ -588,6 +707,21 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn an_events_token_travels_in_a_header_and_never_shows() {
+        let token = EventsToken::new("0123abcd-secret").unwrap();
+        assert!(token.matches("0123abcd-secret"));
+        assert!(!token.matches("0123abcd-secreT"));
+        assert!(!token.matches("0123abcd-secret2"));
+        assert!(!token.matches(""));
+        assert_eq!(token, EventsToken::new("0123abcd-secret").unwrap());
+        assert!(!format!("{token:?}").contains("secret"));
+        for bad in ["", "has space", "tab\there", "é", &"x".repeat(1025)] {
+            let err = EventsToken::new(bad).unwrap_err();
+            assert_eq!(err.setting, "events_token");
+        }
     }
 
     #[tokio::test]

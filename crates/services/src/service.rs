@@ -22,7 +22,8 @@ use tokio::sync::broadcast;
 use crate::analytics::{self, AnalyticsSettings, Metrics};
 use crate::data::{self, DataSettings, DataState, SqliteShards};
 use crate::orders::{self, OrdersState};
-use crate::outbox::relay::{HttpTransport, Relay, RelaySettings, Routes};
+use crate::outbox::EventsToken;
+use crate::outbox::relay::{HttpTransport, Relay, RelaySettings, RelayStats, Routes};
 use crate::outbox::stream::{
     self, ConsumerSettings, ConsumerStats, StreamConsumer, StreamTransport,
 };
@@ -165,6 +166,10 @@ pub struct EventSettings {
     /// Start of the stream keys, `<prefix>:events:<topic>`. Default
     /// [`stream::DEFAULT_PREFIX`].
     pub prefix: String,
+    /// The secret shared by the HTTP relays of users and orders (which send it) and
+    /// analytics' `POST /events` (which then requires it). `None`: not sent, and
+    /// analytics accepts events from any caller.
+    pub token: Option<EventsToken>,
 }
 
 impl Default for EventSettings {
@@ -172,6 +177,7 @@ impl Default for EventSettings {
         Self {
             redis_url: None,
             prefix: stream::DEFAULT_PREFIX.to_owned(),
+            token: None,
         }
     }
 }
@@ -267,28 +273,39 @@ pub async fn run(
     };
     let (router, storage, events) = build(kind, &config, &instance, &registry, &metrics).await?;
     let consumer_stats = events.as_ref().map(StreamConsumer::stats);
-    let router = observed(kind, router, &instance, metrics, consumer_stats);
     let relay_stop = shutdown.child_token();
-    let relay = match &storage {
+    let (relay, relay_stats) = match &storage {
         Storage::Shared(store) => {
             let (outbox, settings) = (store.outbox(), config.options.outbox);
-            Some(match stream_transport {
+            let (task, stats) = match stream_transport {
                 Some(transport) => {
                     let relay = Relay::new(outbox, transport, Routes::SYSTEM, settings, &instance);
-                    tokio::spawn(relay.run(relay_stop.clone()))
+                    let stats = relay.stats();
+                    (tokio::spawn(relay.run(relay_stop.clone())), stats)
                 }
                 None => {
                     let transport = HttpTransport::new(
                         Discovery::watching(registry.clone(), RELAY_DISCOVERY),
                         relay_http,
-                    );
+                    )
+                    .with_token(config.options.events.token.clone());
                     let relay = Relay::new(outbox, transport, Routes::SYSTEM, settings, &instance);
-                    tokio::spawn(relay.run(relay_stop.clone()))
+                    let stats = relay.stats();
+                    (tokio::spawn(relay.run(relay_stop.clone())), stats)
                 }
-            })
+            };
+            (Some(task), Some(stats))
         }
-        _ => None,
+        _ => (None, None),
     };
+    let router = observed(
+        kind,
+        router,
+        &instance,
+        metrics,
+        consumer_stats,
+        relay_stats,
+    );
     let consumer = events.map(|consumer| tokio::spawn(consumer.run(relay_stop.clone())));
 
     let local = listener.local_addr().ok();
@@ -347,29 +364,37 @@ impl Storage {
 }
 
 /// `router` with `GET /metrics` (data has its own, which shows `metrics` too; a stream
-/// consumer's counters join the page) and the observability layer over every route, so
-/// each request is logged and counted once; events a request causes carry its trace
-/// context ([`crate::outbox::trace_scope`]).
+/// consumer's and an outbox relay's counters join the page) and the observability
+/// layer over every route, so each request is logged and counted once; events a
+/// request causes carry its trace context ([`crate::outbox::trace_scope`]).
 fn observed(
     kind: ServiceKind,
     router: Router,
     instance: &str,
     metrics: Arc<HttpMetrics>,
     consumer: Option<Arc<ConsumerStats>>,
+    relay: Option<Arc<RelayStats>>,
 ) -> Router {
-    let router = match (kind, consumer) {
-        (ServiceKind::Data, _) => router,
-        (_, Some(stats)) => {
+    let router = match (kind, consumer, relay) {
+        (ServiceKind::Data, _, _) => router,
+        (_, None, None) => router.merge(observe::metrics_router(metrics.clone())),
+        (_, consumer, relay) => {
             let metrics = metrics.clone();
             router.route(
                 "/metrics",
                 axum::routing::get(move || async move {
-                    let page = metrics.render_with(|registry| stats.register(registry));
+                    let page = metrics.render_with(|registry| {
+                        if let Some(stats) = &consumer {
+                            stats.register(registry);
+                        }
+                        if let Some(stats) = &relay {
+                            stats.register(registry);
+                        }
+                    });
                     ([(CONTENT_TYPE, observe::METRICS_CONTENT_TYPE)], page)
                 }),
             )
         }
-        (_, None) => router.merge(observe::metrics_router(metrics.clone())),
     };
     router
         // Inside the observe layer, which gives the request its trace context.
@@ -429,7 +454,21 @@ async fn build(
             (router, Storage::Shared(store))
         }
         ServiceKind::Analytics => {
-            let settings = &options.analytics;
+            let settings = &AnalyticsSettings {
+                events_token: options
+                    .events
+                    .token
+                    .clone()
+                    .or_else(|| options.analytics.events_token.clone()),
+                ..options.analytics.clone()
+            };
+            if settings.events_token.is_none() {
+                tracing::warn!(
+                    %instance,
+                    "POST /events accepts events from any caller: no events token \
+                     (--events-token / BREAKWATER_EVENTS_TOKEN)"
+                );
+            }
             let upstream = HttpUpstream::new(
                 target(settings.external.as_deref(), discovery),
                 http_client()?,
@@ -734,6 +773,11 @@ mod tests {
                 },
                 ..RelaySettings::default()
             },
+            // The relays send it; analytics refuses events without it.
+            events: EventSettings {
+                token: Some(EventsToken::new("relay-secret").unwrap()),
+                ..EventSettings::default()
+            },
             ..ServiceOptions::default()
         };
         let mut tasks = Vec::new();
@@ -803,12 +847,35 @@ mod tests {
             .unwrap();
         assert_eq!((summary.count, summary.average_value), (1, 2.0));
 
+        // The relays count on their instance's metrics page; nothing was refused for good.
+        let page = http
+            .get(format!("http://127.0.0.1:{orders_port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(page.contains("breakwater_outbox_dead_total 0"), "{page}");
+        assert!(page.contains("breakwater_outbox_retried_total"), "{page}");
+
+        // Someone else posting the same event without the token is refused.
+        let injected = http
+            .post(format!("http://127.0.0.1:{analytics_port}/events"))
+            .header("content-type", "application/json")
+            .body(delivered.payload.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(injected.status(), reqwest::StatusCode::UNAUTHORIZED);
+
         // A second delivery of the same event (as after a lost acknowledgement), as the
         // relay sends it: analytics continues the order's trace.
         let again = http
             .post(format!("http://127.0.0.1:{analytics_port}/events"))
             .header("content-type", "application/json")
             .header("traceparent", delivered.traceparent.clone().unwrap())
+            .bearer_auth("relay-secret")
             .body(delivered.payload.clone())
             .send()
             .await
@@ -849,6 +916,7 @@ mod tests {
             events: EventSettings {
                 redis_url: Some(url.clone()),
                 prefix: prefix.clone(),
+                token: None,
             },
             ..ServiceOptions::default()
         };
@@ -982,6 +1050,7 @@ mod tests {
             "unstable-service-9000",
             metrics.clone(),
             None,
+            None,
         );
         assert_eq!(get_text(&router, "/health").await.0, 200);
         assert_eq!(get_text(&router, "/no/such/path").await.0, 404);
@@ -1019,6 +1088,7 @@ mod tests {
             data::app(state),
             "data-service-7000",
             metrics,
+            None,
             None,
         );
         assert_eq!(get_text(&router, "/health").await.0, 200);

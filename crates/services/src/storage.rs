@@ -188,7 +188,12 @@ INSERT OR IGNORE INTO orders (id, user_id, products) VALUES
 
 /// The schema this code writes; append a step to migrate.
 const SCHEMA: Schema = Schema {
-    steps: &[SCHEMA_V1, outbox::SCHEMA_STEP, outbox::TRACE_STEP],
+    steps: &[
+        SCHEMA_V1,
+        outbox::SCHEMA_STEP,
+        outbox::TRACE_STEP,
+        outbox::DEAD_STEP,
+    ],
 };
 
 /// Users and orders in one SQLite file (WAL mode, so readers never wait for writers).
@@ -465,6 +470,7 @@ impl OrderStore for SqliteStore {
 mod tests {
     use super::*;
     use crate::fixtures::{TempDir, temp_store};
+    use crate::outbox::OutboxStore;
 
     fn ada() -> NewUser {
         NewUser {
@@ -599,7 +605,7 @@ mod tests {
             .fetch_one(&store.pool)
             .await
             .unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
         store.create_user(&ada()).await.unwrap();
         assert_eq!(store.outbox().records().await.unwrap().len(), 1);
         store.close().await;
@@ -637,6 +643,44 @@ mod tests {
         let mut traces: Vec<_> = rows.iter().map(|r| r.traceparent.as_deref()).collect();
         traces.sort_unstable();
         assert_eq!(traces, [None, None, Some(parent)]);
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_3_outbox_gains_dead_letters_and_its_rows_stay_claimable() {
+        let dir = TempDir::new("migrate-v3");
+        let v3 = Schema {
+            steps: &[SCHEMA_V1, outbox::SCHEMA_STEP, outbox::TRACE_STEP],
+        };
+        let pool = database::open(&dir.db(), v3, 1).await.unwrap();
+        sqlx::query(
+            "INSERT INTO outbox (id, topic, payload, created_at, attempts, available_at) \
+             VALUES ('old', 'order.created', '{}', 1, 0, 1)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        let old = store.outbox().record("old").await.unwrap().unwrap();
+        assert_eq!((old.dead_at, old.last_error), (None, None));
+        let claimed = store
+            .outbox()
+            .claim(&[outbox::ORDER_CREATED], 2, 1000, 10)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert!(
+            store
+                .outbox()
+                .dead("old", &claimed[0].claim, 3, "answered 422")
+                .await
+                .unwrap()
+        );
+        let old = store.outbox().record("old").await.unwrap().unwrap();
+        assert_eq!(old.dead_at, Some(3));
+        assert_eq!(old.last_error.as_deref(), Some("answered 422"));
         store.close().await;
     }
 

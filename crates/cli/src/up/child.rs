@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use breakwater_runtime::CancellationToken;
+use breakwater_services::outbox::EVENTS_TOKEN_ENV;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -400,6 +401,10 @@ fn spawn(exe: &PathBuf, spec: &ChildSpec) -> std::io::Result<Child> {
         // the children's state elsewhere.
         .env_remove("REDIS_URL")
         .env_remove("DATABASE_URL")
+        // Only the children `up` gives the events token to have one: the caller's is
+        // not passed on.
+        .env_remove(EVENTS_TOKEN_ENV)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         // The child's stdin is a pipe we never write to: if this process dies, the pipe
         // closes and the child stops itself.
         .stdin(Stdio::piped())

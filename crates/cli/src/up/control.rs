@@ -301,6 +301,7 @@ mod tests {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             registry_name,
             args: vec!["600".into()],
+            env: Vec::new(),
         };
         let state = Arc::new(StateFile::new(dir.join("up.json"), dir));
         Supervised::start(PathBuf::from("sleep"), spec, state)

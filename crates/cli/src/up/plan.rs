@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
 
 use breakwater_runtime::telemetry::LogFormat;
+use breakwater_services::outbox::EVENTS_TOKEN_ENV;
 
 use crate::cli::UpArgs;
 use crate::component::UsageError;
@@ -28,8 +29,9 @@ impl Role {
     }
 }
 
-/// Everything needed to start (and restart) one child process.
-#[derive(Debug, Clone)]
+/// Everything needed to start (and restart) one child process. Its `Debug` names the
+/// environment variables but not their values (they may be secrets).
+#[derive(Clone)]
 pub struct ChildSpec {
     /// Display name, unique: `registry`, `users-1`, `orders-3`, `gateway`.
     pub name: String,
@@ -41,6 +43,28 @@ pub struct ChildSpec {
     pub registry_name: Option<&'static str>,
     /// Arguments after the executable.
     pub args: Vec<OsString>,
+    /// Environment variables set for it: secrets go here rather than in `args`,
+    /// which any local user can read with `ps`.
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl std::fmt::Debug for ChildSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<String> = self
+            .env
+            .iter()
+            .map(|(name, _)| format!("{name}=<hidden>"))
+            .collect();
+        f.debug_struct("ChildSpec")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("port", &self.port)
+            .field("host", &self.host)
+            .field("registry_name", &self.registry_name)
+            .field("args", &self.args)
+            .field("env", &env)
+            .finish()
+    }
 }
 
 impl ChildSpec {
@@ -93,6 +117,13 @@ impl Plan {
             v
         };
 
+        // One per run: the publishers' relays send it, analytics' `POST /events` requires
+        // it, so nothing else that reaches analytics can inject events.
+        let events_token: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+
         let registry_port = ports.pick("--registry-port", args.registry_port)?;
         let registry_url = format!("http://{}", SocketAddr::new(host, registry_port));
         let control_port = ports.pick("--control-port", args.control_port)?;
@@ -132,6 +163,7 @@ impl Plan {
                 redis(&mut a, "registry");
                 a
             },
+            env: Vec::new(),
         }];
         // Unstable first: data and analytics depend on it (they find it lazily, so this
         // only makes the start quieter).
@@ -214,6 +246,11 @@ impl Plan {
                 {
                     a.extend(["--database".into(), url.into()]);
                 }
+                let env = if matches!(label, "users" | "orders" | "analytics") {
+                    vec![(EVENTS_TOKEN_ENV, events_token.clone())]
+                } else {
+                    Vec::new()
+                };
                 children.push(ChildSpec {
                     name: format!("{label}-{}", i + 1),
                     role: Role::Service,
@@ -221,6 +258,7 @@ impl Plan {
                     host,
                     registry_name: Some(registry_name),
                     args: a,
+                    env,
                 });
             }
         }
@@ -241,6 +279,7 @@ impl Plan {
             host,
             registry_name: Some("api-gateway"),
             args: a,
+            env: Vec::new(),
         });
         let gateway_url = format!("http://{}", SocketAddr::new(host, gateway_port));
         Ok(Self {
@@ -444,6 +483,54 @@ mod tests {
                 .any(|w| w[0] == "--redis-prefix" && w[1] == "run-7:gateway"),
             "{:?}",
             gateway.args
+        );
+    }
+
+    #[test]
+    fn one_events_token_per_run_reaches_publishers_and_analytics_by_env_only() {
+        let args = up(&["--users", "2", "--orders", "1", "--data", "1"]);
+        let plan = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
+        let mut tokens = HashSet::new();
+        for child in &plan.children {
+            let kind = child.name.split('-').next().unwrap();
+            let token = child
+                .env
+                .iter()
+                .find(|(k, _)| *k == EVENTS_TOKEN_ENV)
+                .map(|(_, v)| v.clone());
+            assert_eq!(
+                token.is_some(),
+                matches!(kind, "users" | "orders" | "analytics"),
+                "{}",
+                child.name
+            );
+            assert!(
+                !child
+                    .args
+                    .iter()
+                    .any(|a| a.to_string_lossy().contains("events-token")),
+                "{}: never in argv",
+                child.name
+            );
+            if let Some(token) = token {
+                assert_eq!(token.len(), 64);
+                assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+                assert!(!child.args.iter().any(|a| *a == *token));
+                let shown = format!("{child:?}");
+                assert!(!shown.contains(&token), "Debug hides it: {shown}");
+                assert!(
+                    shown.contains(&format!("{EVENTS_TOKEN_ENV}=<hidden>")),
+                    "{shown}"
+                );
+                tokens.insert(token);
+            }
+        }
+        assert_eq!(tokens.len(), 1, "one token shared by the run");
+        let again = Plan::new(&args, Path::new("/tmp/x"), LogFormat::Pretty).unwrap();
+        let other = again.children.iter().find_map(|c| c.env.first());
+        assert!(
+            !tokens.contains(&other.unwrap().1),
+            "another run, another token"
         );
     }
 

@@ -6,7 +6,9 @@
 //! [`ORDERS_CREATED`] whose value is the number of products and whose timestamp is the
 //! event's `occurredAt`. Answers: 200 `{"status":"processed"}` or
 //! `{"status":"duplicate"}`; 400 for a body that is not an event; 422 for an event
-//! type analytics does not consume.
+//! type analytics does not consume; 401 when an events token is configured
+//! ([`super::AnalyticsSettings::events_token`]) and the request does not carry it as
+//! `Authorization: Bearer <token>` (checked before the body is read).
 //!
 //! The same path serves the Redis Streams consumer ([`crate::outbox::stream`]):
 //! [`AnalyticsState`] is its [`EventHandler`]. Either way the event is applied in a
@@ -15,7 +17,7 @@
 
 use axum::Extension;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use breakwater_runtime::http::{ApiError, Json};
 use breakwater_runtime::observe::TraceContext;
@@ -25,8 +27,8 @@ use tracing::Instrument;
 use super::metric::{NewMetric, parse_timestamp};
 use super::store::{Applied, MetricStore};
 use super::{AnalyticsState, Shared, SummaryCache};
-use crate::outbox::ORDER_CREATED;
 use crate::outbox::stream::{EventHandler, HandleError, HandleFuture, Handled};
+use crate::outbox::{EventsToken, ORDER_CREATED};
 use crate::storage::StorageError;
 
 /// The metric type an `order.created` event is recorded as.
@@ -74,11 +76,34 @@ impl From<Refusal> for ApiError {
     }
 }
 
+/// `None` when `headers` carry `token` (or no token is required), else the 401 answer
+/// naming what is wrong.
+fn unauthorized(token: Option<&EventsToken>, headers: &HeaderMap) -> Option<Response> {
+    let token = token?;
+    let offered = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let message = match offered {
+        Some(offered) if token.matches(offered) => return None,
+        Some(_) => "Events token does not match: POST /events is only for the system's relays",
+        None => "POST /events needs Authorization: Bearer <events token>",
+    };
+    let mut res = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    res.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(res)
+}
+
 pub(super) async fn consume<S: MetricStore, C: SummaryCache, U>(
     State(state): Shared<S, C, U>,
     trace: Option<Extension<TraceContext>>,
     req: Request,
 ) -> Result<Response, ApiError> {
+    if let Some(refused) = unauthorized(state.events_token.as_ref(), req.headers()) {
+        return Ok(refused);
+    }
     let bytes = axum::body::to_bytes(req.into_body(), MAX_EVENT_BYTES)
         .await
         .map_err(|_| {
@@ -250,7 +275,105 @@ fn order_created_value(data: &Map<String, Value>) -> Result<f64, Refusal> {
 
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
     use super::*;
+    use crate::analytics::{
+        AnalyticsSettings, AnalyticsState, DATABASE_FILE, MetricStore, SqliteMetrics,
+    };
+    use crate::fixtures::{ScriptedUpstream, TempDir};
+
+    /// Analytics with `token` as its events token; POSTs `event` with `authorization`.
+    async fn post_event(
+        token: Option<&str>,
+        authorization: Option<&str>,
+        event: &Value,
+    ) -> (StatusCode, Value) {
+        let dir = TempDir::new("events-auth");
+        let store = SqliteMetrics::open(&dir.path().join(DATABASE_FILE))
+            .await
+            .unwrap();
+        let settings = AnalyticsSettings {
+            events_token: token.map(|t| EventsToken::new(t).unwrap()),
+            ..AnalyticsSettings::default()
+        };
+        let state = AnalyticsState::new(
+            store.clone(),
+            settings.memory_cache(),
+            ScriptedUpstream::answering(),
+            "analytics-service-6000",
+            6000,
+            &settings,
+        )
+        .unwrap();
+        let mut req = axum::http::Request::builder()
+            .method("POST")
+            .uri("/events")
+            .header("content-type", "application/json");
+        if let Some(value) = authorization {
+            req = req.header("authorization", value);
+        }
+        let req = req.body(Body::from(event.to_string())).unwrap();
+        let res = crate::analytics::app(state).oneshot(req).await.unwrap();
+        let status = res.status();
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(res.headers()["www-authenticate"], "Bearer");
+        }
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let applied = store
+            .summary(ORDERS_CREATED)
+            .await
+            .unwrap()
+            .map_or(0, |s| s.count);
+        store.close().await;
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            applied > 0,
+            status.is_success(),
+            "only an accepted event is applied: {body}"
+        );
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn with_a_token_configured_post_events_needs_it() {
+        let event = order_event("e1");
+        let (status, body) = post_event(Some("right-token"), None, &event).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer"),
+            "{body}"
+        );
+        for wrong in [
+            "Bearer wrong-token",
+            "Bearer right-toke",
+            "right-token",
+            "Basic x",
+        ] {
+            let (status, body) = post_event(Some("right-token"), Some(wrong), &event).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{wrong}: {body}");
+            assert!(body["error"].is_string(), "{body}");
+        }
+        let (status, body) =
+            post_event(Some("right-token"), Some("Bearer right-token"), &event).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "processed");
+    }
+
+    #[tokio::test]
+    async fn without_a_token_configured_events_are_accepted_as_before() {
+        let (status, body) = post_event(None, None, &order_event("e2")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "processed");
+        let (status, _) = post_event(None, Some("Bearer anything"), &order_event("e3")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
 
     fn order_event(id: &str) -> Value {
         json!({

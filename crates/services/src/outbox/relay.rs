@@ -4,14 +4,19 @@
 //! Each pass claims available rows of routed topics under a lease (so relays sharing
 //! the database never deliver one row concurrently), delivers them in parallel through
 //! a [`Transport`], marks each delivered on success, and on failure makes it available
-//! again after a full-jitter [`Backoff`] counted from its attempts. A relay that dies
+//! again after a full-jitter [`Backoff`] counted from its attempts, unless the failure
+//! is permanent ([`DeliveryError::is_permanent`]: the consumer answered a 4xx other than
+//! 408, 425 and 429, so it will never accept the event): then the row is marked dead
+//! with the consumer's answer, logged once, counted in [`RelayStats`] and never claimed
+//! again. A relay that dies
 //! mid-delivery loses nothing: its lease runs out and another relay claims the row.
 //! So delivery is at least once, in no promised order; consumers deduplicate by event
 //! id. Every relay on a database file delivers every routed topic in it (users and
 //! orders share one file, so a users instance may deliver an `order.created`).
 //!
 //! [`Transport`] is the seam for the broker: [`HttpTransport`] POSTs to `/events` of a
-//! subscriber instance found through discovery (with the row's `traceparent` header);
+//! subscriber instance found through discovery (with the row's `traceparent` header,
+//! and `Authorization: Bearer` with the [`EventsToken`] when it has one);
 //! [`super::stream::StreamTransport`] appends to a Redis stream when Redis is
 //! configured.
 
@@ -24,9 +29,11 @@ use breakwater_resilience::retry::Backoff;
 use breakwater_runtime::CancellationToken;
 use breakwater_runtime::clock::now_millis;
 use breakwater_runtime::observe::TRACEPARENT;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::task::JoinSet;
 
-use super::{Claimed, ORDER_CREATED, OutboxStore, millis};
+use super::{Claimed, EventsToken, ORDER_CREATED, OutboxStore, millis};
 use crate::analytics;
 use crate::settings::{InvalidSetting, check_duration};
 use crate::storage::StorageError;
@@ -57,7 +64,11 @@ impl Routes {
     }
 }
 
-/// Why one delivery failed; the row is retried later.
+/// Most of a refusing consumer's answer kept for the log and the row's `last_error`.
+const MAX_ERROR_BODY: usize = 512;
+
+/// Why one delivery failed: the row is retried later, or, when
+/// [`DeliveryError::is_permanent`], marked dead.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     /// No instance of the subscriber could be found.
@@ -77,13 +88,29 @@ pub enum DeliveryError {
         reason: String,
     },
     /// The subscriber answered with a non-2xx status.
-    #[error("{url} answered {status}")]
+    #[error("{url} answered {status}: {body}")]
     Rejected {
         /// Where it was sent.
         url: String,
         /// The status.
         status: u16,
+        /// The start of its answer (at most 512 bytes), for the log and the row.
+        body: String,
     },
+}
+
+impl DeliveryError {
+    /// Whether the consumer will never accept this event: a 4xx other than 408
+    /// (timeout), 425 (too early) and 429 (too many requests), which say "later".
+    /// 5xx, no answer and no instance are transient.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Rejected { status, .. } => {
+                (400..500).contains(status) && !matches!(status, 408 | 425 | 429)
+            }
+            Self::NoSubscriber { .. } | Self::Transport { .. } => false,
+        }
+    }
 }
 
 /// Hands one event to one subscriber service. Success means the subscriber has it
@@ -99,18 +126,45 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 /// [`Transport`] over HTTP: `POST /events` to a random live instance of the
-/// subscriber (so a retry may reach another one), with the event's `traceparent`.
+/// subscriber (so a retry may reach another one), with the event's `traceparent` and,
+/// when set, the events token.
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     discovery: Discovery,
     http: reqwest::Client,
+    token: Option<EventsToken>,
 }
 
 impl HttpTransport {
     /// Finds subscribers through `discovery`, calls them through `http` (shared, pooled).
     pub fn new(discovery: Discovery, http: reqwest::Client) -> Self {
-        Self { discovery, http }
+        Self {
+            discovery,
+            http,
+            token: None,
+        }
     }
+
+    /// Sends `Authorization: Bearer <token>` with every event when `token` is set.
+    #[must_use]
+    pub fn with_token(mut self, token: Option<EventsToken>) -> Self {
+        self.token = token;
+        self
+    }
+}
+
+/// The first [`MAX_ERROR_BODY`] bytes of `response`'s body, read no further, as text.
+async fn body_start(mut response: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bytes.truncate(MAX_ERROR_BODY);
+    // A cut inside a UTF-8 sequence becomes one replacement character.
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 impl Transport for HttpTransport {
@@ -137,6 +191,9 @@ impl Transport for HttpTransport {
         if let Some(traceparent) = &event.traceparent {
             request = request.header(TRACEPARENT, traceparent);
         }
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token.expose());
+        }
         let response = request.send().await.map_err(|e| DeliveryError::Transport {
             url: url.clone(),
             reason: e.to_string(),
@@ -148,6 +205,7 @@ impl Transport for HttpTransport {
             Err(DeliveryError::Rejected {
                 url,
                 status: status.as_u16(),
+                body: body_start(response).await,
             })
         }
     }
@@ -243,6 +301,60 @@ pub struct PassReport {
     pub delivered: usize,
     /// Rows that failed and were put back for later.
     pub failed: usize,
+    /// Rows the consumer refused for good, marked dead.
+    pub dead: usize,
+}
+
+/// What a relay did so far; shown on the service's `GET /metrics`
+/// ([`RelayStats::register`]).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    delivered: Counter,
+    retried: Counter,
+    dead: Counter,
+}
+
+impl RelayStats {
+    /// Events delivered.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.get()
+    }
+    /// Failed deliveries put back for a retry.
+    pub fn retried(&self) -> u64 {
+        self.retried.get()
+    }
+    /// Events the consumer refused for good, marked dead.
+    pub fn dead(&self) -> u64 {
+        self.dead.get()
+    }
+
+    /// Adds the counters to `registry` as `breakwater_outbox_*_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("breakwater_outbox");
+        sub.register(
+            "delivered",
+            "Outbox events delivered to their consumer",
+            self.delivered.clone(),
+        );
+        sub.register(
+            "retried",
+            "Outbox deliveries that failed and were put back for a retry",
+            self.retried.clone(),
+        );
+        sub.register(
+            "dead",
+            "Outbox events their consumer refused for good (a permanent 4xx), kept as dead rows",
+            self.dead.clone(),
+        );
+    }
+}
+
+/// How one claimed row ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Delivered,
+    Retry,
+    Dead,
 }
 
 /// How often a relay deletes old rows.
@@ -256,6 +368,7 @@ pub struct Relay<O, T> {
     routes: Routes,
     settings: RelaySettings,
     instance: String,
+    stats: Arc<RelayStats>,
 }
 
 impl<O, T> Relay<O, T>
@@ -278,7 +391,13 @@ where
             routes,
             settings,
             instance: instance.into(),
+            stats: Arc::new(RelayStats::default()),
         }
+    }
+
+    /// Its counters, for `GET /metrics`.
+    pub fn stats(&self) -> Arc<RelayStats> {
+        Arc::clone(&self.stats)
     }
 
     /// Runs passes until `shutdown` fires, pruning at start and hourly. A pass cut
@@ -330,14 +449,27 @@ where
             let subscriber = self.routes.subscriber(&row.topic);
             let settings = self.settings;
             let instance = self.instance.clone();
+            let stats = Arc::clone(&self.stats);
             deliveries.spawn(async move {
-                deliver_one(&outbox, &*transport, subscriber, row, settings, &instance).await
+                let outcome =
+                    deliver_one(&outbox, &*transport, subscriber, row, settings, &instance).await;
+                let counter = match outcome {
+                    Ok(Outcome::Delivered) => Some(&stats.delivered),
+                    Ok(Outcome::Retry) => Some(&stats.retried),
+                    Ok(Outcome::Dead) => Some(&stats.dead),
+                    Err(_) => None,
+                };
+                if let Some(counter) = counter {
+                    counter.inc();
+                }
+                outcome
             });
         }
         while let Some(done) = deliveries.join_next().await {
             match done {
-                Ok(Ok(true)) => report.delivered += 1,
-                Ok(Ok(false)) => report.failed += 1,
+                Ok(Ok(Outcome::Delivered)) => report.delivered += 1,
+                Ok(Ok(Outcome::Retry)) => report.failed += 1,
+                Ok(Ok(Outcome::Dead)) => report.dead += 1,
                 Ok(Err(error)) => {
                     report.failed += 1;
                     tracing::warn!(instance = %self.instance, %error, "outbox update failed");
@@ -362,7 +494,7 @@ where
     }
 }
 
-/// Delivers one claimed row and records the outcome; true when delivered.
+/// Delivers one claimed row and records the outcome.
 async fn deliver_one<O: OutboxStore, T: Transport>(
     outbox: &O,
     transport: &T,
@@ -370,7 +502,7 @@ async fn deliver_one<O: OutboxStore, T: Transport>(
     row: Claimed,
     settings: RelaySettings,
     instance: &str,
-) -> Result<bool, StorageError> {
+) -> Result<Outcome, StorageError> {
     let outcome = match subscriber {
         Some(service) => {
             match tokio::time::timeout(settings.delivery_timeout, transport.deliver(service, &row))
@@ -393,7 +525,36 @@ async fn deliver_one<O: OutboxStore, T: Transport>(
         Ok(()) => {
             outbox.delivered(&row.id, millis(now_millis())).await?;
             tracing::debug!(instance, event = %row.id, topic = %row.topic, "event delivered");
-            Ok(true)
+            Ok(Outcome::Delivered)
+        }
+        Err(error) if error.is_permanent() => {
+            let marked = outbox
+                .dead(
+                    &row.id,
+                    &row.claim,
+                    millis(now_millis()),
+                    &error.to_string(),
+                )
+                .await?;
+            if !marked {
+                // The lease ran out meanwhile and another relay holds the row now; it
+                // will meet the same answer and mark it.
+                return Ok(Outcome::Retry);
+            }
+            let (status, body) = match &error {
+                DeliveryError::Rejected { status, body, .. } => (*status, body.as_str()),
+                _ => (0, ""),
+            };
+            tracing::warn!(
+                instance,
+                event = %row.id,
+                topic = %row.topic,
+                attempts = row.attempts,
+                status,
+                body,
+                "consumer refused the event for good; marked dead, not retried"
+            );
+            Ok(Outcome::Dead)
         }
         Err(error) => {
             let delay = settings
@@ -411,13 +572,13 @@ async fn deliver_one<O: OutboxStore, T: Transport>(
                 %error,
                 "event delivery failed; will retry"
             );
-            Ok(false)
+            Ok(Outcome::Retry)
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
@@ -433,22 +594,26 @@ mod tests {
     use crate::outbox::{OutboxRecord, SqliteOutbox};
     use crate::storage::{NewOrder, OrderStore, SqliteStore};
 
-    /// What the fake consumer saw: POSTs per event id, and how many to refuse first.
+    /// What the fake consumer saw: POSTs per event id, and how many to refuse first
+    /// (with `refuse_with`, 503 unless set).
     #[derive(Debug, Default)]
-    struct Seen {
-        posts: HashMap<String, usize>,
+    pub(crate) struct Seen {
+        pub(crate) posts: HashMap<String, usize>,
         refuse: usize,
+        refuse_with: Option<StatusCode>,
         /// The `traceparent` header of each event's last POST.
         traces: HashMap<String, Option<String>>,
+        /// The `authorization` header of each event's last POST.
+        auth: HashMap<String, Option<String>>,
     }
 
-    type Consumer = Arc<Mutex<Seen>>;
+    pub(crate) type Consumer = Arc<Mutex<Seen>>;
 
     async fn consume(
         State(seen): State<Consumer>,
         headers: axum::http::HeaderMap,
         body: String,
-    ) -> StatusCode {
+    ) -> (StatusCode, String) {
         let event: Value = serde_json::from_str(&body).unwrap();
         let id = event["id"].as_str().unwrap().to_owned();
         let mut seen = seen.lock().unwrap();
@@ -456,20 +621,37 @@ mod tests {
             .get("traceparent")
             .map(|v| v.to_str().unwrap().to_owned());
         seen.traces.insert(id.clone(), trace);
+        let auth = headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned());
+        seen.auth.insert(id.clone(), auth);
         *seen.posts.entry(id).or_default() += 1;
         if seen.refuse > 0 {
             seen.refuse -= 1;
-            StatusCode::SERVICE_UNAVAILABLE
+            let status = seen.refuse_with.unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            (
+                status,
+                format!("{{\"error\":\"refused with {}\"}}", status.as_u16()),
+            )
         } else {
-            StatusCode::OK
+            (StatusCode::OK, String::new())
         }
     }
 
     /// A consumer registered as "analytics-service" in a fake registry; returns it and
     /// a transport that finds it.
     async fn consumer(refuse: usize) -> (Consumer, HttpTransport) {
+        refusing_consumer(refuse, StatusCode::SERVICE_UNAVAILABLE).await
+    }
+
+    /// [`consumer`] answering its first `refuse` POSTs with `status`.
+    pub(crate) async fn refusing_consumer(
+        refuse: usize,
+        status: StatusCode,
+    ) -> (Consumer, HttpTransport) {
         let seen: Consumer = Arc::new(Mutex::new(Seen {
             refuse,
+            refuse_with: Some(status),
             ..Seen::default()
         }));
         let router = Router::new()
@@ -487,7 +669,7 @@ mod tests {
         (seen, HttpTransport::new(discovery, http))
     }
 
-    fn quick() -> RelaySettings {
+    pub(crate) fn quick() -> RelaySettings {
         RelaySettings {
             poll_interval: Duration::from_millis(5),
             backoff: Backoff {
@@ -599,6 +781,152 @@ mod tests {
         traces.sort();
         assert_eq!(traces, [None, Some(parent.to_owned())]);
         store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_permanent_refusal_marks_the_row_dead_after_one_try() {
+        let dir = TempDir::new("relay-dead");
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        create_orders(&store, 1).await;
+        let (seen, transport) = refusing_consumer(usize::MAX, StatusCode::BAD_REQUEST).await;
+        let relay = Relay::new(store.outbox(), transport, Routes::SYSTEM, quick(), "relay");
+        let stats = relay.stats();
+        let report = relay.pass().await.unwrap();
+        assert_eq!(
+            report,
+            PassReport {
+                claimed: 1,
+                dead: 1,
+                ..PassReport::default()
+            }
+        );
+        let rows = store.outbox().records().await.unwrap();
+        let row = &rows[0];
+        assert!(row.dead_at.is_some(), "{row:?}");
+        assert_eq!(row.delivered_at, None);
+        let error = row.last_error.as_deref().unwrap();
+        assert!(
+            error.contains("answered 400") && error.contains("refused with 400"),
+            "{error}"
+        );
+        // Never claimed again, not even long after any backoff or lease.
+        let later = millis(now_millis()) + 3_600_000;
+        assert!(
+            store
+                .outbox()
+                .claim(&["order.created"], later, 1000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(relay.pass().await.unwrap(), PassReport::default());
+        assert_eq!(seen.lock().unwrap().posts.get(&row.id), Some(&1));
+        assert_eq!(
+            (stats.dead(), stats.retried(), stats.delivered()),
+            (1, 0, 0)
+        );
+        // Kept past retention, unlike delivered rows.
+        assert_eq!(
+            store
+                .outbox()
+                .prune(&["order.created"], later)
+                .await
+                .unwrap(),
+            0
+        );
+        let mut registry = Registry::default();
+        stats.register(&mut registry);
+        let mut page = String::new();
+        prometheus_client::encoding::text::encode(&mut page, &registry).unwrap();
+        assert!(page.contains("breakwater_outbox_dead_total 1"), "{page}");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn transient_refusals_leave_the_row_for_a_retry() {
+        for status in [
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::REQUEST_TIMEOUT,
+        ] {
+            let dir = TempDir::new("relay-transient");
+            let store = SqliteStore::open(&dir.db()).await.unwrap();
+            create_orders(&store, 1).await;
+            let (_seen, transport) = refusing_consumer(1, status).await;
+            let relay = Relay::new(store.outbox(), transport, Routes::SYSTEM, quick(), "relay");
+            let report = relay.pass().await.unwrap();
+            assert_eq!((report.failed, report.dead), (1, 0), "{status}");
+            let row = store.outbox().records().await.unwrap().remove(0);
+            assert_eq!((row.dead_at, row.delivered_at), (None, None), "{status}");
+            assert_eq!(relay.stats().retried(), 1);
+            let rows = all_delivered_by(&relay, &store.outbox()).await;
+            assert_eq!(rows[0].attempts, 2, "{status}");
+            store.close().await;
+        }
+    }
+
+    #[test]
+    fn only_4xx_that_do_not_say_later_are_permanent() {
+        let rejected = |status| DeliveryError::Rejected {
+            url: "u".into(),
+            status,
+            body: String::new(),
+        };
+        for status in [400, 401, 403, 404, 410, 413, 422] {
+            assert!(rejected(status).is_permanent(), "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503, 504, 302] {
+            assert!(!rejected(status).is_permanent(), "{status}");
+        }
+        let no_answer = DeliveryError::Transport {
+            url: "u".into(),
+            reason: "refused".into(),
+        };
+        assert!(!no_answer.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn the_events_token_is_sent_as_a_bearer_header() {
+        let dir = TempDir::new("relay-token");
+        let store = SqliteStore::open(&dir.db()).await.unwrap();
+        create_orders(&store, 1).await;
+        let (seen, transport) = consumer(0).await;
+        let token = EventsToken::new("s3cret-token").unwrap();
+        let relay = Relay::new(
+            store.outbox(),
+            transport.clone().with_token(Some(token)),
+            Routes::SYSTEM,
+            quick(),
+            "relay",
+        );
+        assert_eq!(relay.pass().await.unwrap().delivered, 1);
+        create_orders(&store, 1).await;
+        let without = Relay::new(store.outbox(), transport, Routes::SYSTEM, quick(), "relay");
+        assert_eq!(without.pass().await.unwrap().delivered, 1);
+        let mut auth: Vec<_> = seen.lock().unwrap().auth.values().cloned().collect();
+        auth.sort();
+        assert_eq!(auth, [None, Some("Bearer s3cret-token".to_owned())]);
+        store.close().await;
+    }
+
+    /// Runs passes of `relay` (up to 5 s) until every row is delivered.
+    async fn all_delivered_by<T: Transport>(
+        relay: &Relay<SqliteOutbox, T>,
+        outbox: &SqliteOutbox,
+    ) -> Vec<OutboxRecord> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            relay.pass().await.unwrap();
+            let rows = outbox.records().await.unwrap();
+            if rows.iter().all(|r| r.delivered_at.is_some()) {
+                return rows;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "undelivered: {rows:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

@@ -316,8 +316,8 @@ impl PgOutbox {
     /// Every row, oldest first.
     pub async fn records(&self) -> Result<Vec<OutboxRecord>, StorageError> {
         let rows = sqlx::query(
-            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent FROM outbox \
-             ORDER BY created_at, id",
+            "SELECT id, topic, payload, created_at, delivered_at, attempts, traceparent, dead_at, \
+             last_error FROM outbox ORDER BY created_at, id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -331,6 +331,8 @@ impl PgOutbox {
                     created_at: row.try_get("created_at")?,
                     delivered_at: row.try_get("delivered_at")?,
                     traceparent: row.try_get("traceparent")?,
+                    dead_at: row.try_get("dead_at")?,
+                    last_error: row.try_get("last_error")?,
                     id,
                 })
             })
@@ -365,7 +367,8 @@ impl OutboxStore for PgOutbox {
         let rows = sqlx::query(
             "WITH picked AS ( \
                  SELECT id FROM outbox \
-                 WHERE delivered_at IS NULL AND available_at <= $2 AND topic = ANY($4) \
+                 WHERE delivered_at IS NULL AND dead_at IS NULL AND available_at <= $2 \
+                   AND topic = ANY($4) \
                  ORDER BY created_at, id LIMIT $5 FOR UPDATE SKIP LOCKED) \
              UPDATE outbox o SET claim = $1, available_at = $2 + $3, attempts = o.attempts + 1 \
              FROM picked WHERE o.id = picked.id \
@@ -424,9 +427,29 @@ impl OutboxStore for PgOutbox {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn dead(
+        &self,
+        id: &str,
+        claim: &str,
+        now: i64,
+        error: &str,
+    ) -> Result<bool, StorageError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET dead_at = $1, last_error = $2, claim = NULL \
+             WHERE id = $3 AND claim = $4 AND delivered_at IS NULL AND dead_at IS NULL",
+        )
+        .bind(now)
+        .bind(error)
+        .bind(id)
+        .bind(claim)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn prune(&self, routed: &[&str], before: i64) -> Result<u64, StorageError> {
         let done = sqlx::query(
-            "DELETE FROM outbox WHERE created_at < $1 \
+            "DELETE FROM outbox WHERE created_at < $1 AND dead_at IS NULL \
              AND (delivered_at IS NOT NULL OR NOT (topic = ANY($2)))",
         )
         .bind(before)
@@ -949,6 +972,70 @@ pub(crate) mod tests {
         assert!(records.iter().all(|r| r.attempts == 1));
         a.close().await;
         b.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_permanent_refusal_marks_a_row_dead_and_a_503_leaves_it_for_retry() {
+        use crate::outbox::relay::tests::{quick, refusing_consumer};
+        use crate::outbox::relay::{PassReport, Relay, Routes};
+        let Some(schema) = TestSchema::new().await else {
+            return;
+        };
+        let store = schema.store().await;
+        let outbox = store.outbox();
+        let routed = [ORDER_CREATED];
+
+        store.create_order(&pen_order()).await.unwrap();
+        let (seen, transport) = refusing_consumer(usize::MAX, StatusCode::GONE).await;
+        let relay = Relay::new(outbox.clone(), transport, Routes::SYSTEM, quick(), "relay");
+        let report = relay.pass().await.unwrap();
+        assert_eq!(
+            report,
+            PassReport {
+                claimed: 1,
+                dead: 1,
+                ..PassReport::default()
+            }
+        );
+        let dead = outbox.records().await.unwrap().remove(0);
+        assert!(
+            dead.dead_at.is_some() && dead.delivered_at.is_none(),
+            "{dead:?}"
+        );
+        assert!(
+            dead.last_error.as_deref().unwrap().contains("answered 410"),
+            "{dead:?}"
+        );
+        let later = millis(now_millis()) + 3_600_000;
+        assert!(
+            outbox
+                .claim(&routed, later, 1000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(relay.pass().await.unwrap(), PassReport::default());
+        assert_eq!(seen.lock().unwrap().posts.get(&dead.id), Some(&1));
+        assert_eq!(relay.stats().dead(), 1);
+        assert_eq!(
+            outbox.prune(&routed, later).await.unwrap(),
+            0,
+            "dead rows are kept"
+        );
+
+        store.create_order(&pen_order()).await.unwrap();
+        let (_seen, transport) = refusing_consumer(1, StatusCode::SERVICE_UNAVAILABLE).await;
+        let relay = Relay::new(outbox.clone(), transport, Routes::SYSTEM, quick(), "relay");
+        let report = relay.pass().await.unwrap();
+        assert_eq!((report.claimed, report.failed, report.dead), (1, 1, 0));
+        let records = outbox.records().await.unwrap();
+        let pending = records.iter().find(|r| r.id != dead.id).unwrap();
+        assert_eq!((pending.dead_at, pending.delivered_at), (None, None));
+        let retried = outbox.claim(&routed, later, 1000, 10).await.unwrap();
+        assert_eq!(retried.len(), 1, "only the 503'd row comes back");
+        assert_eq!(retried[0].id, pending.id);
+        assert_eq!(retried[0].attempts, 2);
+        store.close().await;
     }
 
     #[tokio::test]
