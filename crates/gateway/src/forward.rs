@@ -14,8 +14,6 @@
 
 mod pool;
 
-pub use pool::UpstreamIncoming;
-
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -32,7 +30,7 @@ use axum::response::Response;
 use breakwater_runtime::observe::TraceContext;
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Frame, SizeHint};
+use hyper::body::{Frame, Incoming, SizeHint};
 
 use crate::classify::{AttemptKind, Replay};
 use crate::errors::GatewayError;
@@ -344,7 +342,7 @@ pub async fn send_once(
     outbound: &mut Outbound,
     timeout: Duration,
     last: bool,
-) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
+) -> Result<hyper::Response<Incoming>, TryError> {
     let Some(req) = outbound.request_for(endpoint, last) else {
         return Err(TryError::BodyGone);
     };
@@ -355,14 +353,14 @@ pub async fn send_once(
 }
 
 /// The upstream's response as the client gets it: hop-by-hop headers gone, body streamed.
-pub fn client_response(res: hyper::Response<UpstreamIncoming>) -> Response {
+pub fn client_response(res: hyper::Response<Incoming>) -> Response {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Body::new(body))
 }
 
 /// [`client_response`] without boxing the body, for the proxied path.
-pub fn proxied_response(res: hyper::Response<UpstreamIncoming>) -> hyper::Response<ClientBody> {
+pub fn proxied_response(res: hyper::Response<Incoming>) -> hyper::Response<ClientBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     hyper::Response::from_parts(parts, ClientBody::Upstream(body))
@@ -372,8 +370,8 @@ pub fn proxied_response(res: hyper::Response<UpstreamIncoming>) -> hyper::Respon
 /// any other body boxed.
 #[derive(Debug)]
 pub enum ClientBody {
-    /// The upstream's body, streamed (driving its connection).
-    Upstream(UpstreamIncoming),
+    /// The upstream's body, streamed.
+    Upstream(Incoming),
     /// Anything the gateway answered itself.
     Other(Body),
 }
