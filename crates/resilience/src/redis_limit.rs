@@ -64,6 +64,11 @@ return {1, limit - n, 0, ttl * 1000}
 /// The shortest `retry_after` given, so that a client never retries "now".
 const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
 
+/// After a decision Redis failed (an error or the timeout), Redis is not asked again for
+/// this long and the fallback decides at once: during an outage every request would
+/// otherwise first wait out the timeout.
+pub const REDIS_PAUSE: Duration = Duration::from_secs(1);
+
 /// Default bound on one Redis decision before the fallback decides instead.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 
@@ -164,6 +169,10 @@ pub struct RedisRateLimiter {
     fail_mode: FailMode,
     timeout: Duration,
     fallbacks: AtomicU64,
+    /// Where this limiter's clock starts; `paused_until` counts milliseconds from it.
+    origin: Instant,
+    /// Redis is not asked before this many ms after `origin` ([`REDIS_PAUSE`]).
+    paused_until: AtomicU64,
 }
 
 impl fmt::Debug for RedisRateLimiter {
@@ -221,6 +230,8 @@ impl RedisRateLimiter {
             fail_mode: FailMode::default(),
             timeout: DEFAULT_TIMEOUT,
             fallbacks: AtomicU64::new(0),
+            origin: Instant::now(),
+            paused_until: AtomicU64::new(0),
         })
     }
 
@@ -267,11 +278,34 @@ impl RedisRateLimiter {
     /// [`check`](Self::check), also saying who decided, so a caller can count
     /// fallbacks in its own metrics.
     pub async fn decide(&self, key: &str) -> (Result<RateInfo, RateLimited>, DecidedBy) {
+        if self.now_ms() < self.paused_until.load(Ordering::Relaxed) {
+            return (
+                self.fall_back(key, "paused after a failed Redis decision"),
+                DecidedBy::Fallback,
+            );
+        }
         match tokio::time::timeout(self.timeout, self.ask_redis(key)).await {
             Ok(Ok(decision)) => (decision, DecidedBy::Redis),
-            Ok(Err(err)) => (self.fall_back(key, &err.to_string()), DecidedBy::Fallback),
-            Err(_) => (self.fall_back(key, "timed out"), DecidedBy::Fallback),
+            Ok(Err(err)) => {
+                self.pause();
+                (self.fall_back(key, &err.to_string()), DecidedBy::Fallback)
+            }
+            Err(_) => {
+                self.pause();
+                (self.fall_back(key, "timed out"), DecidedBy::Fallback)
+            }
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn pause(&self) {
+        let until = self
+            .now_ms()
+            .saturating_add(u64::try_from(REDIS_PAUSE.as_millis()).unwrap_or(u64::MAX));
+        self.paused_until.fetch_max(until, Ordering::Relaxed);
     }
 
     async fn ask_redis(&self, key: &str) -> redis::RedisResult<Result<RateInfo, RateLimited>> {
@@ -389,5 +423,72 @@ mod tests {
         assert!(decision.is_err());
         assert_eq!(by, DecidedBy::Fallback);
         assert_eq!(closed.fallbacks(), 1);
+    }
+
+    /// A Redis that accepts connections and reads commands but never answers; counts
+    /// the bytes it was sent.
+    async fn silent_redis() -> (String, std::sync::Arc<AtomicU64>) {
+        use tokio::io::AsyncReadExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let received = std::sync::Arc::new(AtomicU64::new(0));
+        let seen = std::sync::Arc::clone(&received);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = std::sync::Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        seen.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (url, received)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failed_decision_redis_is_left_alone_for_a_pause() {
+        let (url, received) = silent_redis().await;
+        let limit = DistributedLimit::FixedWindow {
+            limit: NonZeroU32::new(3).unwrap(),
+            window: Duration::from_secs(60),
+        };
+        let limiter = RedisRateLimiter::new(&url, "p", limit)
+            .unwrap()
+            .with_timeout(Duration::from_millis(100));
+        let started = Instant::now();
+        let (_, by) = limiter.decide("k").await;
+        assert_eq!(by, DecidedBy::Fallback);
+        assert!(
+            started.elapsed() >= Duration::from_millis(100),
+            "waited the timeout"
+        );
+
+        // Within the pause: decided locally at once, and nothing more is sent to Redis.
+        let sent = received.load(Ordering::Relaxed);
+        let paused_at = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(limiter.decide("k").await.1, DecidedBy::Fallback);
+        }
+        assert_eq!(paused_at.elapsed(), Duration::ZERO, "no wait while paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(received.load(Ordering::Relaxed), sent, "Redis not asked");
+        assert_eq!(limiter.fallbacks(), 6);
+        // The local window counts every one of them: 3 admitted, then refused.
+        assert!(limiter.check("k").await.is_err());
+
+        // After the pause, Redis is asked again (and, still silent, times out again).
+        tokio::time::sleep(REDIS_PAUSE).await;
+        let retried = Instant::now();
+        let (_, by) = limiter.decide("other").await;
+        assert_eq!(by, DecidedBy::Fallback);
+        assert!(
+            retried.elapsed() >= Duration::from_millis(100),
+            "asked Redis again"
+        );
     }
 }
