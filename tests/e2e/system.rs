@@ -42,6 +42,11 @@ impl System {
 
     /// [`System::start`] with more arguments for `up` (e.g. `--redis URL`).
     pub(crate) fn start_with(extra: &[String]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// [`System::start_with`], with `env` set on `up` (its children inherit it).
+    pub(crate) fn start_with_env(extra: &[String], env: &[(&str, &str)]) -> Self {
         let data_dir = std::env::temp_dir().join(format!(
             "breakwater-e2e-{}-{}",
             std::process::id(),
@@ -57,6 +62,7 @@ impl System {
             .args(["--heartbeat-interval", "1", "--data-dir"])
             .arg(&data_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

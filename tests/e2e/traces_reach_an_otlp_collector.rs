@@ -298,3 +298,44 @@ fn an_unusable_otlp_endpoint_exits_64_naming_the_variable() {
         );
     }
 }
+
+#[tokio::test]
+async fn under_up_every_process_keeps_its_own_service_name() {
+    let (collector, spans) = collector().await;
+    // One OTEL_SERVICE_NAME for the whole system would label every process the same;
+    // `up` does not pass it on.
+    let mut system = crate::system::System::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector),
+            ("OTEL_SERVICE_NAME", "one-name-for-all"),
+        ],
+    );
+    let state = system.wait_ready().await;
+    let gateway = crate::system::url_of(&state, "gateway");
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let res = http.get(format!("{gateway}/users/1")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    let names = || -> Vec<String> {
+        let mut names: Vec<String> = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["service"].as_str().map(str::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    wait_until("spans from the gateway and users", async || {
+        let seen = names();
+        seen.iter().any(|n| n == "api-gateway") && seen.iter().any(|n| n == "user-service")
+    })
+    .await;
+    assert!(
+        !names().iter().any(|n| n == "one-name-for-all"),
+        "{:?}",
+        names()
+    );
+}

@@ -404,6 +404,9 @@ fn spawn(exe: &PathBuf, spec: &ChildSpec) -> std::io::Result<Child> {
         // Only the children `up` gives the events token to have one: the caller's is
         // not passed on.
         .env_remove(EVENTS_TOKEN_ENV)
+        // Every child names itself in its spans (user-service, order-service, ...): one
+        // OTEL_SERVICE_NAME for the whole system would label them all the same.
+        .env_remove(breakwater_runtime::otlp::SERVICE_NAME_ENV)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         // The child's stdin is a pipe we never write to: if this process dies, the pipe
         // closes and the child stops itself.
