@@ -420,8 +420,28 @@ impl OutboxStore for SharedOutbox {
     }
 }
 
-fn attempts_of(row: &SqliteRow, id: &str) -> Result<u32, StorageError> {
-    let attempts: i64 = row.try_get("attempts")?;
+/// An outbox row as either database returns it. The two differ only in `attempts`
+/// (SQLite's INTEGER is an `i64`, PostgreSQL's an `i32`), so the decoding of records and
+/// claims below is written once for both.
+pub(crate) trait OutboxRow: Row {
+    /// The `attempts` column.
+    fn attempts(&self) -> Result<i64, sqlx::Error>;
+}
+
+impl OutboxRow for SqliteRow {
+    fn attempts(&self) -> Result<i64, sqlx::Error> {
+        self.try_get("attempts")
+    }
+}
+
+impl OutboxRow for sqlx::postgres::PgRow {
+    fn attempts(&self) -> Result<i64, sqlx::Error> {
+        self.try_get::<i32, _>("attempts").map(i64::from)
+    }
+}
+
+fn attempts_of<R: OutboxRow>(row: &R, id: &str) -> Result<u32, StorageError> {
+    let attempts = row.attempts()?;
     u32::try_from(attempts).map_err(|_| StorageError::Corrupt {
         table: "outbox",
         id: id.to_owned(),
@@ -429,7 +449,14 @@ fn attempts_of(row: &SqliteRow, id: &str) -> Result<u32, StorageError> {
     })
 }
 
-fn record_from_row(row: &SqliteRow) -> Result<OutboxRecord, StorageError> {
+/// A whole row (`records`): every column.
+pub(crate) fn record_from_row<R>(row: &R) -> Result<OutboxRecord, StorageError>
+where
+    R: OutboxRow,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     let id: String = row.try_get("id")?;
     Ok(OutboxRecord {
         attempts: attempts_of(row, &id)?,
@@ -442,6 +469,35 @@ fn record_from_row(row: &SqliteRow) -> Result<OutboxRecord, StorageError> {
         last_error: row.try_get("last_error")?,
         id,
     })
+}
+
+/// The rows a claim returned (`id, topic, payload, attempts, created_at, traceparent`),
+/// oldest first: `RETURNING` promises no order.
+pub(crate) fn claimed_from_rows<R>(rows: &[R], claim: &str) -> Result<Vec<Claimed>, StorageError>
+where
+    R: OutboxRow,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut claimed = rows
+        .iter()
+        .map(|row| {
+            let id: String = row.try_get("id")?;
+            let created_at: i64 = row.try_get("created_at")?;
+            let claimed = Claimed {
+                attempts: attempts_of(row, &id)?,
+                topic: row.try_get("topic")?,
+                payload: row.try_get("payload")?,
+                claim: claim.to_owned(),
+                traceparent: row.try_get("traceparent")?,
+                id,
+            };
+            Ok((created_at, claimed))
+        })
+        .collect::<Result<Vec<_>, StorageError>>()?;
+    claimed.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.id.cmp(&y.id)));
+    Ok(claimed.into_iter().map(|(_, c)| c).collect())
 }
 
 /// Topics as one JSON array parameter, read back with `json_each`.
@@ -478,25 +534,7 @@ impl OutboxStore for SqliteOutbox {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                let created_at: i64 = row.try_get("created_at")?;
-                let claimed = Claimed {
-                    attempts: attempts_of(row, &id)?,
-                    topic: row.try_get("topic")?,
-                    payload: row.try_get("payload")?,
-                    claim: claim.clone(),
-                    traceparent: row.try_get("traceparent")?,
-                    id,
-                };
-                Ok((created_at, claimed))
-            })
-            .collect::<Result<Vec<_>, StorageError>>()?;
-        // RETURNING promises no order; hand them out oldest first anyway.
-        claimed.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.id.cmp(&y.id)));
-        Ok(claimed.into_iter().map(|(_, c)| c).collect())
+        claimed_from_rows(&rows, &claim)
     }
 
     async fn delivered(&self, id: &str, now: i64) -> Result<bool, StorageError> {

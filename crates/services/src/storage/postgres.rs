@@ -13,7 +13,9 @@ use sqlx::{Postgres, Row, Transaction};
 use breakwater_runtime::clock::now_millis;
 
 use super::{NewOrder, NewUser, Order, OrderStore, StorageError, User, UserStore};
-use crate::outbox::{Claimed, Event, OutboxRecord, OutboxStore, millis};
+use crate::outbox::{
+    Claimed, Event, OutboxRecord, OutboxStore, claimed_from_rows, millis, record_from_row,
+};
 use crate::settings::InvalidSetting;
 
 /// The migrations every PostgreSQL store runs at open.
@@ -321,32 +323,8 @@ impl PgOutbox {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                Ok(OutboxRecord {
-                    attempts: attempts_of(row, &id)?,
-                    topic: row.try_get("topic")?,
-                    payload: row.try_get("payload")?,
-                    created_at: row.try_get("created_at")?,
-                    delivered_at: row.try_get("delivered_at")?,
-                    traceparent: row.try_get("traceparent")?,
-                    dead_at: row.try_get("dead_at")?,
-                    last_error: row.try_get("last_error")?,
-                    id,
-                })
-            })
-            .collect()
+        rows.iter().map(record_from_row).collect()
     }
-}
-
-fn attempts_of(row: &PgRow, id: &str) -> Result<u32, StorageError> {
-    let attempts: i32 = row.try_get("attempts")?;
-    u32::try_from(attempts).map_err(|_| StorageError::Corrupt {
-        table: "outbox",
-        id: id.to_owned(),
-        reason: format!("attempts {attempts}"),
-    })
 }
 
 fn topic_list(topics: &[&str]) -> Vec<String> {
@@ -381,25 +359,7 @@ impl OutboxStore for PgOutbox {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut claimed = rows
-            .iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                let created_at: i64 = row.try_get("created_at")?;
-                let claimed = Claimed {
-                    attempts: attempts_of(row, &id)?,
-                    topic: row.try_get("topic")?,
-                    payload: row.try_get("payload")?,
-                    claim: claim.clone(),
-                    traceparent: row.try_get("traceparent")?,
-                    id,
-                };
-                Ok((created_at, claimed))
-            })
-            .collect::<Result<Vec<_>, StorageError>>()?;
-        // RETURNING promises no order; hand them out oldest first anyway.
-        claimed.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.id.cmp(&y.id)));
-        Ok(claimed.into_iter().map(|(_, c)| c).collect())
+        claimed_from_rows(&rows, &claim)
     }
 
     async fn delivered(&self, id: &str, now: i64) -> Result<bool, StorageError> {
