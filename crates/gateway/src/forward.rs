@@ -12,7 +12,10 @@
 //! - [`ClientBody`] carries the upstream's body back to the client unboxed; any other
 //!   answer (errors, fallbacks, cached bodies, the router's) is boxed.
 
+mod h1;
 mod pool;
+
+pub use pool::{BodyError, Payload, UpstreamIncoming};
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -29,8 +32,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use breakwater_runtime::observe::TraceContext;
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, SizeHint};
 
 use crate::classify::{AttemptKind, Replay};
 use crate::errors::GatewayError;
@@ -44,9 +47,6 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The header that makes a POST or PATCH safe to retry.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// A request body on its way upstream: kept bytes, or the client's stream.
-pub type UpstreamBody = Either<Full<Bytes>, Body>;
 
 /// The W3C trace context header.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -181,14 +181,10 @@ impl Outbound {
 
     /// The request for one try at `endpoint`. `last` moves the headers instead of
     /// copying them (no try follows). `None` when a streamed body was already sent.
-    fn request_for(
-        &mut self,
-        endpoint: &Endpoint,
-        last: bool,
-    ) -> Option<hyper::Request<UpstreamBody>> {
+    fn request_for(&mut self, endpoint: &Endpoint, last: bool) -> Option<hyper::Request<Payload>> {
         let body = match &mut self.body {
-            OutboundBody::Kept(bytes) => Either::Left(Full::new(bytes.clone())),
-            OutboundBody::Streamed(stream) => Either::Right(stream.take()?),
+            OutboundBody::Kept(bytes) => Payload::Kept(bytes.clone()),
+            OutboundBody::Streamed(stream) => Payload::Streamed(stream.take()?),
         };
         let mut req = hyper::Request::new(body);
         *req.method_mut() = self.method.clone();
@@ -342,7 +338,7 @@ pub async fn send_once(
     outbound: &mut Outbound,
     timeout: Duration,
     last: bool,
-) -> Result<hyper::Response<Incoming>, TryError> {
+) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
     let Some(req) = outbound.request_for(endpoint, last) else {
         return Err(TryError::BodyGone);
     };
@@ -353,14 +349,14 @@ pub async fn send_once(
 }
 
 /// The upstream's response as the client gets it: hop-by-hop headers gone, body streamed.
-pub fn client_response(res: hyper::Response<Incoming>) -> Response {
+pub fn client_response(res: hyper::Response<UpstreamIncoming>) -> Response {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, Body::new(body))
 }
 
 /// [`client_response`] without boxing the body, for the proxied path.
-pub fn proxied_response(res: hyper::Response<Incoming>) -> hyper::Response<ClientBody> {
+pub fn proxied_response(res: hyper::Response<UpstreamIncoming>) -> hyper::Response<ClientBody> {
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     hyper::Response::from_parts(parts, ClientBody::Upstream(body))
@@ -371,7 +367,7 @@ pub fn proxied_response(res: hyper::Response<Incoming>) -> hyper::Response<Clien
 #[derive(Debug)]
 pub enum ClientBody {
     /// The upstream's body, streamed.
-    Upstream(Incoming),
+    Upstream(UpstreamIncoming),
     /// Anything the gateway answered itself.
     Other(Body),
 }

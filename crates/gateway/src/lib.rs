@@ -14,7 +14,8 @@
 //!   endpoints and ones this request tried.
 //! - [`classify`]: the one verdict on a try that feeds retry, breaker, ejection, EWMA and
 //!   metrics.
-//! - [`forward`]: one try at one endpoint: the pooled hyper client, header hygiene
+//! - [`forward`]: one try at one endpoint: the pooled connections and their own
+//!   HTTP/1.1 codec, header hygiene
 //!   (hop-by-hop, `X-Forwarded-*`, `x-request-id`), bodies kept for replay up to 64 KiB.
 //! - [`errors`]: [`GatewayError`], the one place a gateway failure becomes a status.
 //! - [`trace`]: the `x-breakwater-trace` decision trace.

@@ -25,7 +25,6 @@ use breakwater_runtime::observe::{self, TraceContext};
 use breakwater_runtime::otlp::{SpanTimer, Tracer};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::balance::{self, Tried};
@@ -270,7 +269,7 @@ async fn cached(
 }
 
 async fn read_whole(
-    res: Result<hyper::Response<Incoming>, GatewayError>,
+    res: Result<hyper::Response<forward::UpstreamIncoming>, GatewayError>,
     service: &str,
 ) -> Result<CachedResponse, GatewayError> {
     let (mut parts, body) = res?.into_parts();
@@ -324,7 +323,7 @@ pub async fn dispatch(
     policy: &Policy,
     mut outbound: Outbound,
     trace: &mut Trace,
-) -> Result<hyper::Response<Incoming>, GatewayError> {
+) -> Result<hyper::Response<forward::UpstreamIncoming>, GatewayError> {
     let started = Instant::now();
     let deadline = Deadline::after(started, policy.timeout.total);
     let service = upstream.name();
@@ -344,7 +343,7 @@ pub async fn dispatch(
     let mut tried = Tried::default();
     let mut attempt: u32 = 0;
     // The previous try's failure, answered if the next try cannot be made.
-    let mut last: Option<Result<hyper::Response<Incoming>, GatewayError>> = None;
+    let mut last: Option<Result<hyper::Response<forward::UpstreamIncoming>, GatewayError>> = None;
     loop {
         attempt += 1;
         let now = Instant::now();

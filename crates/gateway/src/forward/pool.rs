@@ -1,58 +1,201 @@
-//! The upstream connection pool: HTTP/1.1 connections on `hyper::client::conn::http1`,
-//! one pool per thread.
+//! The upstream connection pool: HTTP/1.1 connections spoken with the gateway's own
+//! codec ([`super::h1`]), one pool per thread.
 //!
-//! - [`ThreadPool`]: this thread's connections by upstream address. The gateway serves
-//!   with one single-threaded runtime per core, so a connection, the requests sent on it
-//!   and its connection task all stay on one thread: checkout is a `RefCell` borrow and
-//!   a scan of a short list, with no lock, channel or task hand-off of the pool's own.
-//! - A connection goes back into its list as soon as a request is handed to it (the
-//!   request is already queued on the connection), and is picked again once hyper says
-//!   it is ready (the previous response was read to its end). A closed one is dropped
-//!   when met; one idle past [`IDLE_TIMEOUT`] is closed by the per-thread reaper.
-//! - [`send`] makes one request: a ready pooled connection, else a new one (connect
-//!   bounded by [`super::CONNECT_TIMEOUT`], `TCP_NODELAY`). A request that a pooled
-//!   connection refused before sending anything (the upstream had closed it) is sent
-//!   again on a new connection, as hyper-util's client did.
+//! - [`ThreadPool`]: this thread's idle connections by upstream address. The gateway
+//!   serves with one single-threaded runtime per core, so a connection and the
+//!   requests sent on it stay on one thread: checkout is a `RefCell` borrow and a pop
+//!   from a short list, with no lock, channel or task of the pool's own.
+//! - A connection belongs to one request at a time: [`send`] writes the request and
+//!   reads the response head on it, then hands it to the response's body
+//!   ([`UpstreamIncoming`]), which reads the body from it and, once the body ended
+//!   cleanly on a connection that stays open, puts it back. A body dropped before its
+//!   end (a retried 5xx, a try that timed out, a client gone mid-body) closes its
+//!   connection, as does anything the codec does not trust.
+//! - An idle connection the upstream closed is noticed at checkout from the reactor's
+//!   readiness (no system call unless the socket turned readable) and dropped; one
+//!   idle past [`IDLE_TIMEOUT`] is closed by the per-thread reaper.
+//! - [`send`] makes one request: an idle pooled connection, else a new one (connect
+//!   bounded by [`super::CONNECT_TIMEOUT`], `TCP_NODELAY`). A request whose write
+//!   failed on a pooled connection is written again on a new one when its body is
+//!   kept (the upstream had closed the connection; nothing of it was answered).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::{Method, request};
+use http_body_util::BodyExt as _;
+use hyper::body::{Frame, SizeHint};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::{CONNECT_TIMEOUT, TryError, UpstreamBody, error_chain};
+use super::h1::{self, Chunked, Decoded, Framing, RequestFraming};
+use super::{CONNECT_TIMEOUT, TryError, error_chain};
 
 /// Idle pooled connections are closed after this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Pooled connections kept per upstream address and thread: enough for a busy
-/// gateway's concurrency, bounded so a burst does not leave thousands of sockets open.
+/// Idle connections kept per upstream address and thread: enough for a busy gateway's
+/// concurrency, bounded so a burst does not leave thousands of sockets open.
 const MAX_PER_ADDRESS: usize = 256;
 
 /// How often the reaper looks for idle connections.
 const REAP_EVERY: Duration = Duration::from_secs(10);
 
-type Sender = SendRequest<UpstreamBody>;
+/// Room made in a connection's read buffer before each read.
+const READ_CHUNK: usize = 8 << 10;
 
-struct Pooled {
-    sender: Sender,
-    /// When a request was last handed to it.
-    used_at: Instant,
+/// A kept body up to this size is copied behind the head and sent with it in one
+/// write; a larger one is written on its own.
+const COALESCE_BODY: usize = 16 << 10;
+
+/// A request body on its way upstream.
+#[derive(Debug)]
+pub enum Payload {
+    /// Kept whole: can be written again on another connection.
+    Kept(Bytes),
+    /// The client's stream: written once.
+    Streamed(Body),
 }
 
-impl Pooled {
-    /// Idle (ready for a request) and unused for [`IDLE_TIMEOUT`].
-    fn idle_past_timeout(&self, now: Instant) -> bool {
-        self.sender.is_ready() && now.saturating_duration_since(self.used_at) >= IDLE_TIMEOUT
+/// One upstream connection and what was read from it but not yet used.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    address: Authority,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+impl Conn {
+    /// Whether an idle connection can no longer carry a request: the upstream closed
+    /// it, or sent bytes nobody asked for. Only a socket the reactor saw turn readable
+    /// costs a system call.
+    fn is_unusable(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            // Readiness can be stale (a read that filled the buffer exactly leaves it
+            // set); a read that would block says the connection is fine after all.
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0_u8; 1];
+                !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Writes the request head and body.
+    async fn write_request(
+        &mut self,
+        head: &request::Parts,
+        payload: &mut Option<Payload>,
+    ) -> std::io::Result<()> {
+        let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        self.out.clear();
+        match payload {
+            None => Err(std::io::Error::other(
+                "the streamed request body was already sent",
+            )),
+            Some(Payload::Kept(bytes)) => {
+                let framing = RequestFraming::for_body(&head.method, Some(bytes.len() as u64));
+                h1::encode_request_head(
+                    &mut self.out,
+                    &head.method,
+                    target,
+                    &head.headers,
+                    framing,
+                );
+                if bytes.len() <= COALESCE_BODY {
+                    self.out.extend_from_slice(bytes);
+                    self.io.write_all(&self.out).await
+                } else {
+                    self.io.write_all(&self.out).await?;
+                    self.io.write_all(bytes).await
+                }
+            }
+            Some(Payload::Streamed(_)) => {
+                let Some(Payload::Streamed(mut body)) = payload.take() else {
+                    return Ok(());
+                };
+                let exact = hyper::body::Body::size_hint(&body).exact();
+                let framing = RequestFraming::for_body(&head.method, exact);
+                h1::encode_request_head(
+                    &mut self.out,
+                    &head.method,
+                    target,
+                    &head.headers,
+                    framing,
+                );
+                self.io.write_all(&self.out).await?;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| {
+                        std::io::Error::other(format!("reading the client's body: {e}"))
+                    })?;
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers are not passed on
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if framing == RequestFraming::Chunked {
+                        self.out.clear();
+                        h1::encode_chunk(&mut self.out, &data);
+                        self.io.write_all(&self.out).await?;
+                    } else {
+                        self.io.write_all(&data).await?;
+                    }
+                }
+                if framing == RequestFraming::Chunked {
+                    self.io.write_all(h1::LAST_CHUNK).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads until a whole response head is in.
+    async fn read_head(&mut self, method: &Method) -> Result<h1::ResponseHead, TryError> {
+        loop {
+            if !self.buf.is_empty()
+                && let Some(head) = h1::parse_response(&mut self.buf, method)
+                    .map_err(|e| TryError::Protocol(format!("from {}: {e}", self.address)))?
+            {
+                return Ok(head);
+            }
+            self.buf.reserve(READ_CHUNK);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => {
+                    return Err(TryError::Protocol(format!(
+                        "{} closed the connection before a response head",
+                        self.address
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(TryError::Protocol(format!(
+                        "reading from {}: {e}",
+                        self.address
+                    )));
+                }
+            }
+        }
     }
 }
 
-/// One thread's connections, by upstream address.
+struct Pooled {
+    conn: Conn,
+    /// When it last went idle.
+    idle_since: Instant,
+}
+
+/// One thread's idle connections, by upstream address.
 #[derive(Default)]
 struct ThreadPool {
     by_address: HashMap<Authority, Vec<Pooled>>,
@@ -60,47 +203,44 @@ struct ThreadPool {
 }
 
 impl ThreadPool {
-    /// A ready connection to `address`; closed ones met on the way are dropped.
-    fn checkout(&mut self, address: &Authority, now: Instant) -> Option<Sender> {
+    /// An idle connection to `address`; unusable or stale ones met on the way are
+    /// dropped.
+    fn checkout(&mut self, address: &Authority, now: Instant) -> Option<Conn> {
         let list = self.by_address.get_mut(address)?;
         // Newest first: the most recently used connection is the likeliest to be warm.
-        let mut i = list.len();
-        while i > 0 {
-            i -= 1;
-            let Some(entry) = list.get(i) else { break };
-            if entry.sender.is_closed() {
-                list.swap_remove(i);
-            } else if entry.sender.is_ready() {
-                let entry = list.swap_remove(i);
-                if now.saturating_duration_since(entry.used_at) < IDLE_TIMEOUT {
-                    return Some(entry.sender);
-                }
+        while let Some(entry) = list.pop() {
+            if now.saturating_duration_since(entry.idle_since) < IDLE_TIMEOUT
+                && !entry.conn.is_unusable()
+            {
+                return Some(entry.conn);
             }
         }
         None
     }
 
-    /// Keeps `sender` for later requests to `address` (unless the list is full).
+    /// Keeps `conn` for later requests to its address (unless the list is full).
     /// Whether a reaper must be started for this thread.
-    fn put(&mut self, address: &Authority, sender: Sender, now: Instant) -> bool {
-        let list = match self.by_address.get_mut(address) {
+    fn put(&mut self, conn: Conn, now: Instant) -> bool {
+        let list = match self.by_address.get_mut(&conn.address) {
             Some(list) => list,
-            None => self.by_address.entry(address.clone()).or_default(),
+            None => self.by_address.entry(conn.address.clone()).or_default(),
         };
         if list.len() < MAX_PER_ADDRESS {
             list.push(Pooled {
-                sender,
-                used_at: now,
+                conn,
+                idle_since: now,
             });
         }
         !std::mem::replace(&mut self.reaper, true)
     }
 
-    /// Drops closed connections and those idle past [`IDLE_TIMEOUT`]. Whether any
+    /// Drops unusable connections and those idle past [`IDLE_TIMEOUT`]. Whether any
     /// connection is left.
     fn reap(&mut self, now: Instant) -> bool {
         self.by_address.retain(|_, list| {
-            list.retain(|p| !p.sender.is_closed() && !p.idle_past_timeout(now));
+            list.retain(|p| {
+                now.saturating_duration_since(p.idle_since) < IDLE_TIMEOUT && !p.conn.is_unusable()
+            });
             !list.is_empty()
         });
         if self.by_address.is_empty() {
@@ -118,40 +258,45 @@ fn with_pool<R>(f: impl FnOnce(&mut ThreadPool) -> R) -> Option<R> {
     POOL.with(|pool| pool.try_borrow_mut().ok().map(|mut pool| f(&mut pool)))
 }
 
-/// Sends `req` to `address` on a pooled connection or a new one, and waits for the
-/// response head (the caller bounds the wait).
-pub async fn send(
-    address: &Authority,
-    mut req: hyper::Request<UpstreamBody>,
-) -> Result<hyper::Response<Incoming>, TryError> {
-    loop {
-        let now = Instant::now();
-        let (mut sender, reused) = match with_pool(|pool| pool.checkout(address, now)).flatten() {
-            Some(sender) => (sender, true),
-            None => (connect(address).await?, false),
-        };
-        // The request is queued on the connection when this returns; the future only
-        // waits for the answer. So the connection can go back to the pool at once, to
-        // be picked again when hyper says it is ready for the next request.
-        let answer = sender.try_send_request(req);
-        if let Some(true) = with_pool(|pool| pool.put(address, sender, now)) {
-            spawn_reaper();
-        }
-        match answer.await {
-            Ok(res) => return Ok(res),
-            Err(mut e) => match e.take_message() {
-                // Nothing was sent: the upstream had closed a pooled connection.
-                Some(back) if reused => req = back,
-                // Nothing was sent on a new connection either: as good as no connection,
-                // so even a request that is not idempotent may go elsewhere.
-                Some(_) => return Err(TryError::Connect(error_chain(e.error()))),
-                None => return Err(TryError::Protocol(error_chain(e.error()))),
-            },
-        }
+/// Puts a connection whose last response ended cleanly back into this thread's pool.
+fn release(conn: Conn) {
+    if let Some(true) = with_pool(|pool| pool.put(conn, Instant::now())) {
+        spawn_reaper();
     }
 }
 
-async fn connect(address: &Authority) -> Result<Sender, TryError> {
+/// Sends `req` to `address` on a pooled connection or a new one, and waits for the
+/// response head (the caller bounds the wait). The body streams from the connection.
+pub async fn send(
+    address: &Authority,
+    req: hyper::Request<Payload>,
+) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
+    let (head, payload) = req.into_parts();
+    let mut payload = Some(payload);
+    loop {
+        let (mut conn, reused) =
+            match with_pool(|pool| pool.checkout(address, Instant::now())).flatten() {
+                Some(conn) => (conn, true),
+                None => (connect(address).await?, false),
+            };
+        if let Err(e) = conn.write_request(&head, &mut payload).await {
+            // A pooled connection the upstream had closed: a kept body goes again on
+            // a new one (`reused` is false then, so this happens at most once).
+            if reused && matches!(payload, Some(Payload::Kept(_))) {
+                continue;
+            }
+            return Err(TryError::Protocol(format!(
+                "writing to {address}: {}",
+                error_chain(&e)
+            )));
+        }
+        let response = conn.read_head(&head.method).await?;
+        let body = UpstreamIncoming::new(conn, response.framing, response.keep_alive);
+        return Ok(hyper::Response::from_parts(response.parts, body));
+    }
+}
+
+async fn connect(address: &Authority) -> Result<Conn, TryError> {
     // An IPv6 literal comes bracketed in an authority, and must not be for a lookup.
     let host = address.host();
     let host = host
@@ -159,29 +304,24 @@ async fn connect(address: &Authority) -> Result<Sender, TryError> {
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     let target = (host, address.port_u16().unwrap_or(80));
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+    let io = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Err(_elapsed) => {
             return Err(TryError::Connect(format!(
                 "connecting to {address} timed out after {CONNECT_TIMEOUT:?}"
             )));
         }
         Ok(Err(e)) => return Err(TryError::Connect(format!("connecting to {address}: {e}"))),
-        Ok(Ok(stream)) => stream,
+        Ok(Ok(io)) => io,
     };
     // Requests and answers are small writes; Nagle would hold each for an ACK.
-    stream
-        .set_nodelay(true)
+    io.set_nodelay(true)
         .map_err(|e| TryError::Connect(format!("connecting to {address}: {e}")))?;
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| TryError::Connect(format!("connecting to {address}: {e}")))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
+    Ok(Conn {
+        io,
+        address: address.clone(),
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        out: BytesMut::with_capacity(1024),
+    })
 }
 
 /// Closes this thread's idle connections every [`REAP_EVERY`] while it has any; a new
@@ -198,16 +338,159 @@ fn spawn_reaper() {
     });
 }
 
+/// Why an upstream body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(String);
+
+#[derive(Debug)]
+enum BodyState {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Done,
+}
+
+/// An upstream response's body, read from its connection as the client takes it. At
+/// its clean end the connection goes back to the pool (when it stays open); dropped
+/// earlier, the connection closes.
+#[derive(Debug)]
+pub struct UpstreamIncoming {
+    conn: Option<Conn>,
+    state: BodyState,
+    keep_alive: bool,
+}
+
+impl UpstreamIncoming {
+    fn new(conn: Conn, framing: Framing, keep_alive: bool) -> Self {
+        let mut body = Self {
+            conn: Some(conn),
+            state: match framing {
+                Framing::Empty | Framing::Length(0) => BodyState::Done,
+                Framing::Length(n) => BodyState::Length(n),
+                Framing::Chunked => BodyState::Chunked(Chunked::new()),
+                Framing::UntilClose => BodyState::UntilClose,
+            },
+            keep_alive,
+        };
+        if matches!(body.state, BodyState::Done) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body ended: its connection goes back to the pool if it may carry another
+    /// request and nothing unasked-for follows the body.
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            release(conn);
+        }
+    }
+
+    fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.state = BodyState::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(BodyError(why))))
+    }
+}
+
+impl hyper::body::Body for UpstreamIncoming {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // What the buffer already holds.
+            match &mut this.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(left) if !conn.buf.is_empty() => {
+                    let take = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.buf.len());
+                    let data = conn.buf.split_to(take).freeze();
+                    *left -= take as u64;
+                    if *left == 0 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyState::Chunked(decoder) if !conn.buf.is_empty() => {
+                    match decoder.decode(&mut conn.buf) {
+                        Ok(Some(Decoded::Data(data))) => {
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(Some(Decoded::End)) => {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let why = format!("bad chunked body from {}: {e}", conn.address);
+                            return this.fail(why);
+                        }
+                    }
+                }
+                BodyState::UntilClose if !conn.buf.is_empty() => {
+                    let data = conn.buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                _ => {}
+            }
+            // More is needed from the connection.
+            conn.buf.reserve(READ_CHUNK);
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
+            match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    if matches!(this.state, BodyState::UntilClose) {
+                        this.state = BodyState::Done;
+                        this.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    let why = format!("{} closed the connection mid-body", conn.address);
+                    return this.fail(why);
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    let why = format!("reading the body from {}: {e}", conn.address);
+                    return this.fail(why);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Done => SizeHint::with_exact(0),
+            BodyState::Length(n) => SizeHint::with_exact(n),
+            BodyState::Chunked(_) | BodyState::UntilClose => SizeHint::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Either, Full};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    fn get(address: &Authority) -> hyper::Request<UpstreamBody> {
-        let mut req = hyper::Request::new(Either::Left(Full::new(Bytes::new())));
+    fn get(address: &Authority) -> hyper::Request<Payload> {
+        let mut req = hyper::Request::new(Payload::Kept(Bytes::new()));
         *req.uri_mut() = http::Uri::from_static("/x");
         req.headers_mut().insert(
             http::header::HOST,
@@ -216,32 +499,55 @@ mod tests {
         req
     }
 
-    /// Counts connections; answers every request on them with `hi`, closing each
+    /// Reads one request head (and a body of `content-length` bytes) from `s`; the
+    /// head's text, or `None` at the connection's end.
+    async fn read_request(s: &mut TcpStream) -> Option<String> {
+        let mut seen = Vec::new();
+        let mut buf = vec![0_u8; 4096];
+        let head_end = loop {
+            if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return None;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&seen[..head_end]).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let mut have = seen.len() - head_end;
+        while have < len {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            assert!(n > 0, "body cut short");
+            have += n;
+        }
+        Some(head)
+    }
+
+    /// Counts connections; answers every request on them with `answer`, closing each
     /// connection after `per_connection` answers.
-    async fn server(
+    async fn server_answering(
         per_connection: usize,
-    ) -> (Authority, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        answer: &'static [u8],
+    ) -> (Authority, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
-                let _ = tx.send(());
+                let tx = tx.clone();
                 tokio::spawn(async move {
-                    let mut buf = vec![0_u8; 4096];
                     for _ in 0..per_connection {
-                        let mut seen = Vec::new();
-                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let n = s.read(&mut buf).await.unwrap_or(0);
-                            if n == 0 {
-                                return;
-                            }
-                            seen.extend_from_slice(&buf[..n]);
-                        }
-                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
-                            .await
-                            .unwrap();
+                        let Some(head) = read_request(&mut s).await else {
+                            return;
+                        };
+                        let _ = tx.send(head);
+                        s.write_all(answer).await.unwrap();
                     }
                 });
             }
@@ -249,45 +555,172 @@ mod tests {
         (address, rx)
     }
 
-    async fn body(res: hyper::Response<Incoming>) -> Bytes {
+    async fn server(
+        per_connection: usize,
+    ) -> (Authority, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        server_answering(
+            per_connection,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi",
+        )
+        .await
+    }
+
+    async fn body(res: hyper::Response<UpstreamIncoming>) -> Bytes {
         res.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    fn pooled(address: &Authority) -> usize {
+        with_pool(|p| p.by_address.get(address).map_or(0, Vec::len)).unwrap()
     }
 
     #[tokio::test]
     async fn a_connection_is_reused_once_its_answer_was_read() {
-        let (address, mut connections) = server(usize::MAX).await;
+        let (address, mut requests) = server(usize::MAX).await;
         for _ in 0..5 {
             let res = send(&address, get(&address)).await.unwrap();
             assert_eq!(body(res).await, "hi");
-            // Let the connection task see the end of the answer.
-            tokio::task::yield_now().await;
+            assert_eq!(pooled(&address), 1);
         }
-        assert!(connections.recv().await.is_some());
+        let head = requests.recv().await.unwrap();
         assert!(
-            connections.try_recv().is_err(),
-            "one connection for 5 requests"
+            head.starts_with("GET /x HTTP/1.1\r\nhost: 127.0.0.1:"),
+            "{head}"
         );
+        assert!(!head.contains("content-length"), "{head}");
 
         // Two at once need two connections; afterwards both are pooled.
         let (a, b) = tokio::join!(send(&address, get(&address)), send(&address, get(&address)));
         assert_eq!(body(a.unwrap()).await, "hi");
         assert_eq!(body(b.unwrap()).await, "hi");
-        assert!(connections.recv().await.is_some());
-        let pooled = with_pool(|p| p.by_address.get(&address).map_or(0, Vec::len)).unwrap();
-        assert_eq!(pooled, 2);
+        assert_eq!(pooled(&address), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_half_read_closes_its_connection() {
+        let (address, _requests) = server_answering(
+            usize::MAX,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\npartial",
+        )
+        .await;
+        let res = send(&address, get(&address)).await.unwrap();
+        let mut incoming = res.into_body();
+        let first = incoming
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(first, "partial");
+        drop(incoming);
+        assert_eq!(pooled(&address), 0);
+    }
+
+    #[tokio::test]
+    async fn chunked_and_close_delimited_bodies_are_read_whole() {
+        let (address, _r) = server_answering(
+            usize::MAX,
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .await;
+        for _ in 0..3 {
+            let res = send(&address, get(&address)).await.unwrap();
+            assert!(res.headers().contains_key("transfer-encoding"));
+            assert_eq!(body(res).await, "abcde");
+        }
+        assert_eq!(pooled(&address), 1, "chunked bodies keep the connection");
+
+        let (address, _r) =
+            server_answering(1, b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nto the end").await;
+        let res = send(&address, get(&address)).await.unwrap();
+        assert_eq!(body(res).await, "to the end");
+        assert_eq!(pooled(&address), 0);
+    }
+
+    #[tokio::test]
+    async fn bodies_go_up_with_their_length_or_chunked() {
+        let (address, mut requests) = server(usize::MAX).await;
+        let mut req = get(&address);
+        *req.method_mut() = Method::POST;
+        *req.body_mut() = Payload::Kept(Bytes::from_static(b"{\"a\":1}"));
+        assert_eq!(body(send(&address, req).await.unwrap()).await, "hi");
+        let head = requests.recv().await.unwrap();
+        assert!(head.starts_with("POST /x HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("content-length: 7\r\n"), "{head}");
+
+        // A stream of unknown length goes chunked; the server sees the whole body.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0_u8; 4096];
+            while !seen.ends_with(b"0\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                seen.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(seen).unwrap()
+        });
+        let stream = futures_stream(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cde")]);
+        let mut req = get(&address);
+        *req.method_mut() = Method::PUT;
+        *req.body_mut() = Payload::Streamed(stream);
+        let res = send(&address, req).await.unwrap();
+        assert_eq!(res.status(), 201);
+        let seen = server.await.unwrap();
+        assert!(
+            seen.contains("transfer-encoding: chunked\r\n\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"),
+            "{seen}"
+        );
+        // A bodiless answer returns its connection at once.
+        assert_eq!(pooled(&address), 1);
+    }
+
+    /// A body of `pieces` whose length is not known in advance.
+    fn futures_stream(pieces: Vec<Bytes>) -> Body {
+        struct Pieces(std::collections::VecDeque<Bytes>);
+        impl hyper::body::Body for Pieces {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+            }
+        }
+        Body::new(Pieces(pieces.into()))
     }
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_replaced_without_failing() {
-        let (address, mut connections) = server(1).await;
+        let (address, mut requests) = server(1).await;
         for _ in 0..3 {
             let res = send(&address, get(&address)).await.unwrap();
             assert_eq!(body(res).await, "hi");
+            // Let the reactor see the upstream's close.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for _ in 0..3 {
-            assert!(connections.recv().await.is_some());
+            assert!(requests.recv().await.is_some());
         }
+    }
+
+    #[tokio::test]
+    async fn a_response_cut_before_its_head_is_a_protocol_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = read_request(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await.unwrap();
+        });
+        let err = send(&address, get(&address)).await.unwrap_err();
+        assert!(matches!(err, TryError::Protocol(_)), "{err:?}");
     }
 
     #[tokio::test]
@@ -299,8 +732,7 @@ mod tests {
         assert!(address.host().starts_with('['), "{address}");
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0_u8; 4096];
-            let _ = s.read(&mut buf).await;
+            let _ = read_request(&mut s).await;
             s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nv6")
                 .await
                 .unwrap();
@@ -320,10 +752,9 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_are_reaped() {
-        let (address, _connections) = server(usize::MAX).await;
+        let (address, _requests) = server(usize::MAX).await;
         let res = send(&address, get(&address)).await.unwrap();
         assert_eq!(body(res).await, "hi");
-        tokio::task::yield_now().await;
         let now = Instant::now();
         assert_eq!(
             with_pool(|p| p.reap(now)),

@@ -1,0 +1,718 @@
+//! The gateway's own HTTP/1.1 client codec for upstream connections: request heads
+//! written straight from the outbound request, response heads parsed with `httparse`,
+//! bodies framed by RFC 9112 section 6.
+//!
+//! It is what [`super::pool`] speaks on its connections instead of hyper's client: the
+//! proxied path then needs no connection task, no channel between the request and its
+//! connection and no second dispatcher, which is where the gateway spent its CPU
+//! beside nginx's (see `bench/gateway-notes.md`). Everything here is pure (bytes in,
+//! bytes out) and tested on its own, including every split of a message across reads.
+//!
+//! - A response head must fit in [`MAX_HEAD`] bytes and [`MAX_HEADERS`] fields.
+//! - Interim (1xx) answers are skipped; `101 Switching Protocols` is an error (the
+//!   gateway asked for no upgrade).
+//! - Framing: no body for `HEAD`, 1xx, 204 and 304; chunked when `Transfer-Encoding`
+//!   ends in `chunked`; else `Content-Length` (several values must agree); else the
+//!   body runs to the connection's end. Anything but a clean length or chunked body
+//!   closes the connection afterwards.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+/// Largest response head accepted.
+pub const MAX_HEAD: usize = 64 << 10;
+/// Most header fields accepted in a response head.
+pub const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (with extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4 << 10;
+/// Most trailer bytes accepted after a chunked body (they are read and dropped).
+const MAX_TRAILERS: usize = 64 << 10;
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Until the connection closes.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// Status, version and headers (as sent; hop-by-hop ones are the caller's to strip).
+    pub parts: http::response::Parts,
+    /// How the body that follows is delimited.
+    pub framing: Framing,
+    /// Whether the connection may carry another request after this response's body.
+    pub keep_alive: bool,
+}
+
+/// Parses the response head at the start of `buf`, removing it (and any interim 1xx
+/// answers before it) from `buf`. `Ok(None)`: the head is not complete yet.
+pub fn parse_response(
+    buf: &mut BytesMut,
+    request_method: &Method,
+) -> Result<Option<ResponseHead>, String> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        let len = match res.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(format!("response head larger than {MAX_HEAD} bytes"));
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(format!("response head with more than {MAX_HEADERS} fields"));
+            }
+            Err(e) => return Err(format!("malformed response head: {e}")),
+        };
+        if len > MAX_HEAD {
+            return Err(format!("response head larger than {MAX_HEAD} bytes"));
+        }
+        let code = res.code.unwrap_or(0);
+        if code == 101 {
+            return Err("the upstream switched protocols unasked".to_owned());
+        }
+        if (100..200).contains(&code) {
+            buf.advance(len);
+            continue;
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| format!("invalid response status {code}"))?;
+        let version = if res.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Where each field's name and value sit in `buf`, so that the values can be
+        // cut from the head's bytes without copying once the parser lets go of them.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0_usize, 0_usize, 0_usize, 0_usize); MAX_HEADERS];
+        let count = res.headers.len();
+        for (span, field) in spans.iter_mut().zip(res.headers.iter()) {
+            *span = (
+                field.name.as_ptr() as usize - base,
+                field.name.len(),
+                field.value.as_ptr() as usize - base,
+                field.value.len(),
+            );
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_at, name_len, value_at, value_len) in spans.iter().take(count) {
+            let name = head
+                .get(name_at..name_at + name_len)
+                .and_then(|n| HeaderName::from_bytes(n).ok())
+                .ok_or_else(|| "invalid header name in response".to_owned())?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+                .map_err(|_| format!("invalid value of response header {name}"))?;
+            headers.append(name, value);
+        }
+        let (framing, framing_closes) = response_framing(request_method, status, &headers)?;
+        let keep_alive = !framing_closes && keeps_alive(version, &headers);
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = status;
+        parts.version = version;
+        parts.headers = headers;
+        return Ok(Some(ResponseHead {
+            parts,
+            framing,
+            keep_alive,
+        }));
+    }
+}
+
+/// RFC 9112 6.3. The flag: the connection must close after this body.
+fn response_framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), String> {
+    if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, false));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|c| !c.is_empty());
+        let chunked = last.is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
+        // A length beside a transfer coding is a smuggling sign: the coding wins and the
+        // connection is not used again.
+        let both = headers.contains_key(CONTENT_LENGTH);
+        return Ok(if chunked {
+            (Framing::Chunked, both)
+        } else {
+            (Framing::UntilClose, true)
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let text = value
+            .to_str()
+            .map_err(|_| "invalid content-length in response".to_owned())?;
+        for part in text.split(',') {
+            let part = part.trim();
+            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+                .ok_or_else(|| format!("invalid content-length in response: {text:?}"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values in response".to_owned());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Empty, false),
+        Some(n) => (Framing::Length(n), false),
+        None => (Framing::UntilClose, true),
+    })
+}
+
+/// Whether `Connection` (and the version) allow another request on the connection.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if version == Version::HTTP_10 {
+        has("keep-alive") && !has("close")
+    } else {
+        !has("close")
+    }
+}
+
+/// How a request's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// No body and no length header (a bodiless GET, HEAD, DELETE, ...).
+    None,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+impl RequestFraming {
+    /// The framing of a body of `len` bytes known in advance (`None`: unknown) sent
+    /// with `method`: a zero length is written only for methods whose requests
+    /// normally carry a body, as user agents do.
+    pub fn for_body(method: &Method, len: Option<u64>) -> Self {
+        match len {
+            None => Self::Chunked,
+            Some(0) if !expects_body(method) => Self::None,
+            Some(n) => Self::Length(n),
+        }
+    }
+}
+
+fn expects_body(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Appends the request head `method target HTTP/1.1`, `headers` (which must hold no
+/// framing header of their own) and the framing header to `dst`.
+pub fn encode_request_head(
+    dst: &mut BytesMut,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: RequestFraming,
+) {
+    dst.extend_from_slice(method.as_str().as_bytes());
+    dst.extend_from_slice(b" ");
+    dst.extend_from_slice(target.as_bytes());
+    dst.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            dst.extend_from_slice(b"content-length: ");
+            let mut digits = itoa_u64(n);
+            dst.extend_from_slice(digits.as_bytes_mut());
+            dst.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => dst.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    dst.extend_from_slice(b"\r\n");
+}
+
+/// Appends one chunk of a chunked body (`data` must not be empty: an empty chunk ends
+/// the body).
+pub fn encode_chunk(dst: &mut BytesMut, data: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut size = [0_u8; 16];
+    let mut n = data.len();
+    let mut at = size.len();
+    loop {
+        at -= 1;
+        if let Some(slot) = size.get_mut(at) {
+            *slot = HEX[n & 0xf];
+        }
+        n >>= 4;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    dst.extend_from_slice(size.get(at..).unwrap_or_default());
+    dst.extend_from_slice(b"\r\n");
+    dst.extend_from_slice(data);
+    dst.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Decimal digits of `n` without `fmt`.
+struct Digits {
+    buf: [u8; 20],
+    at: usize,
+}
+
+impl Digits {
+    fn as_bytes_mut(&mut self) -> &[u8] {
+        self.buf.get(self.at..).unwrap_or_default()
+    }
+}
+
+fn itoa_u64(mut n: u64) -> Digits {
+    let mut d = Digits {
+        buf: [0; 20],
+        at: 20,
+    };
+    loop {
+        d.at -= 1;
+        if let Some(slot) = d.buf.get_mut(d.at) {
+            *slot = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || d.at == 0 {
+            return d;
+        }
+    }
+}
+
+/// What [`Chunked::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The body (and its trailers) ended.
+    End,
+}
+
+/// A chunked body's decoder: feed it the connection's buffer, take data out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk with this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines (this many bytes of them so far), up to
+    /// the empty line.
+    Trailers(usize),
+    /// Done.
+    Done,
+}
+
+impl Chunked {
+    /// A decoder at the start of a body.
+    pub fn new() -> Self {
+        Self::Size
+    }
+
+    /// Takes what it can from `buf`: data, the end, or `Ok(None)` when `buf` holds too
+    /// little to go on (read more, then call again).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Decoded>, String> {
+        loop {
+            match *self {
+                Self::Done => return Ok(Some(Decoded::End)),
+                Self::Size => {
+                    let Some(line_end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(None);
+                    };
+                    let line = buf.get(..line_end).unwrap_or_default();
+                    let size = parse_chunk_size(line)?;
+                    buf.advance(line_end + 2);
+                    *self = if size == 0 {
+                        Self::Trailers(0)
+                    } else {
+                        Self::Data(size)
+                    };
+                }
+                Self::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    *self = if left == 0 {
+                        Self::DataEnd
+                    } else {
+                        Self::Data(left)
+                    };
+                    return Ok(Some(Decoded::Data(data)));
+                }
+                Self::DataEnd => {
+                    match buf.get(..2) {
+                        None if buf.first().is_none_or(|&b| b == b'\r') => return Ok(None),
+                        Some(b"\r\n") => buf.advance(2),
+                        _ => return Err("chunk data not followed by CRLF".to_owned()),
+                    }
+                    *self = Self::Size;
+                }
+                Self::Trailers(seen) => {
+                    let Some(line_end) = find_crlf(buf, MAX_TRAILERS.saturating_sub(seen))? else {
+                        return Ok(None);
+                    };
+                    buf.advance(line_end + 2);
+                    *self = if line_end == 0 {
+                        Self::Done
+                    } else {
+                        Self::Trailers(seen + line_end + 2)
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where the first CRLF in `buf` starts; an error when none is within `limit` bytes.
+fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, String> {
+    match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(at) if at <= limit => Ok(Some(at)),
+        Some(_) => Err("chunk line too long".to_owned()),
+        None if buf.len() > limit => Err("chunk line too long".to_owned()),
+        None => Ok(None),
+    }
+}
+
+/// The hex size at the start of a chunk-size line (extensions after `;` ignored).
+fn parse_chunk_size(line: &[u8]) -> Result<u64, String> {
+    let digits = line
+        .iter()
+        .position(|&b| b == b';' || b == b' ' || b == b'\t')
+        .map_or(line, |end| line.get(..end).unwrap_or_default());
+    if digits.is_empty() || digits.len() > 15 {
+        return Err("invalid chunk size".to_owned());
+    }
+    let mut size: u64 = 0;
+    for &b in digits {
+        let v = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return Err("invalid chunk size".to_owned()),
+        };
+        size = (size << 4) | u64::from(v);
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(text: &[u8], method: &Method) -> Result<Option<ResponseHead>, String> {
+        let mut buf = BytesMut::from(text);
+        parse_response(&mut buf, method)
+    }
+
+    fn head(text: &str) -> ResponseHead {
+        parse(text.as_bytes(), &Method::GET).unwrap().unwrap()
+    }
+
+    #[test]
+    fn heads_parse_with_their_framing_and_keep_alive() {
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: 1\r\nx-a: 2\r\n\r\nhi");
+        assert_eq!(h.parts.status, StatusCode::OK);
+        assert_eq!(h.framing, Framing::Length(2));
+        assert!(h.keep_alive);
+        assert_eq!(h.parts.headers.get_all("x-a").iter().count(), 2);
+
+        let h = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.keep_alive, "length beside a coding: not reused");
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n");
+        assert_eq!(h.framing, Framing::UntilClose);
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(h.framing, Framing::UntilClose);
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n");
+        assert_eq!(h.framing, Framing::Empty);
+        let h = head("HTTP/1.1 304 Not Modified\r\n\r\n");
+        assert_eq!(h.framing, Framing::Empty);
+        assert!(h.keep_alive);
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+            &Method::HEAD,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: Close\r\n\r\n");
+        assert_eq!(h.framing, Framing::Empty);
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n");
+        assert_eq!(h.parts.version, Version::HTTP_10);
+        assert!(!h.keep_alive, "1.0 closes unless told otherwise");
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\nConnection: keep-alive\r\n\r\n");
+        assert!(h.keep_alive);
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\ncontent-length: 3\r\n\r\n");
+        assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_the_head_removed_from_the_buffer() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok"[..],
+        );
+        let h = parse_response(&mut buf, &Method::POST).unwrap().unwrap();
+        assert_eq!(h.parts.status, StatusCode::CREATED);
+        assert!(!h.parts.headers.contains_key("link"));
+        assert_eq!(&buf[..], b"ok");
+    }
+
+    #[test]
+    fn partial_heads_wait_and_bad_ones_are_errors() {
+        assert!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-le", &Method::GET)
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse(b"", &Method::GET).unwrap().is_none());
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: +1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999999\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            b"NOT HTTP AT ALL\r\n\r\n",
+        ] {
+            assert!(
+                parse(bad, &Method::GET).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut huge = b"HTTP/1.1 200 OK\r\n".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_HEAD + 1));
+        assert!(parse(&huge, &Method::GET).is_err());
+        let mut many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert!(parse(&many, &Method::GET).is_err());
+    }
+
+    #[test]
+    fn request_heads_carry_the_framing_they_are_given() {
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("a:1"));
+        headers.append("x-b", HeaderValue::from_static("1"));
+        headers.append("x-b", HeaderValue::from_static("2"));
+        let mut out = BytesMut::new();
+        encode_request_head(
+            &mut out,
+            &Method::GET,
+            "/p?q=1",
+            &headers,
+            RequestFraming::for_body(&Method::GET, Some(0)),
+        );
+        assert_eq!(
+            &out[..],
+            b"GET /p?q=1 HTTP/1.1\r\nhost: a:1\r\nx-b: 1\r\nx-b: 2\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::for_body(&Method::POST, Some(0)),
+        );
+        assert_eq!(&out[..], b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::PUT,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::for_body(&Method::PUT, Some(1234567890123)),
+        );
+        assert_eq!(
+            &out[..],
+            b"PUT / HTTP/1.1\r\ncontent-length: 1234567890123\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::for_body(&Method::POST, None),
+        );
+        assert_eq!(
+            &out[..],
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        out.clear();
+        encode_chunk(&mut out, &[b'x'; 26]);
+        encode_chunk(&mut out, b"y");
+        out.extend_from_slice(LAST_CHUNK);
+        let mut decoder = Chunked::new();
+        let mut body = Vec::new();
+        while let Some(Decoded::Data(d)) = decoder.decode(&mut out).unwrap() {
+            body.extend_from_slice(&d);
+        }
+        assert_eq!(body.len(), 27);
+        assert_eq!(decoder, Chunked::Done);
+    }
+
+    /// Decodes `wire` fed in pieces cut at `cuts`; the body, or the error.
+    fn decode_in_pieces(wire: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let mut decoder = Chunked::new();
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        points.push(wire.len());
+        points.sort_unstable();
+        let mut fed = 0;
+        for point in points {
+            buf.extend_from_slice(&wire[fed..point]);
+            fed = point;
+            loop {
+                match decoder.decode(&mut buf)? {
+                    Some(Decoded::Data(d)) => body.extend_from_slice(&d),
+                    Some(Decoded::End) => {
+                        let mut after = buf.to_vec();
+                        after.extend_from_slice(&wire[fed..]);
+                        return Ok((body, after));
+                    }
+                    None => break,
+                }
+            }
+        }
+        Err("incomplete".to_owned())
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let wire = b"4;name=v\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nx-sum: 1\r\n\r\nNEXT";
+        let (body, rest) = decode_in_pieces(wire, &[]).unwrap();
+        assert_eq!(body, b"Wikipedia in\r\n\r\nchunks.");
+        assert_eq!(rest, b"NEXT", "what follows the body stays in the buffer");
+        for bad in [
+            &b"zz\r\n"[..],
+            b"4\r\nWikiXX",
+            b"\r\n",
+            b"1234567890abcdef0\r\n",
+        ] {
+            assert!(decode_in_pieces(bad, &[]).is_err(), "{bad:?}");
+        }
+        let mut long = vec![b'1'];
+        long.extend(std::iter::repeat_n(b' ', MAX_CHUNK_LINE + 1));
+        assert!(decode_in_pieces(&long, &[]).is_err());
+    }
+
+    proptest! {
+        /// Any body, cut into any chunks and fed in any pieces, decodes to itself
+        /// and leaves what follows it in the buffer.
+        #[test]
+        fn chunked_round_trips_across_any_reads(
+            body in proptest::collection::vec(any::<u8>(), 0..2000),
+            chunk_sizes in proptest::collection::vec(1_usize..300, 1..20),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut wire = BytesMut::new();
+            let mut rest = &body[..];
+            let mut sizes = chunk_sizes.iter().cycle();
+            while !rest.is_empty() {
+                let n = (*sizes.next().unwrap()).min(rest.len());
+                encode_chunk(&mut wire, &rest[..n]);
+                rest = &rest[n..];
+            }
+            wire.extend_from_slice(LAST_CHUNK);
+            wire.extend_from_slice(b"HTTP/1.1");
+            let (decoded, after) = decode_in_pieces(&wire, &cuts).unwrap();
+            prop_assert_eq!(decoded, body);
+            prop_assert_eq!(after, b"HTTP/1.1".to_vec());
+        }
+
+        /// A response head split anywhere parses once complete, to the same thing.
+        #[test]
+        fn heads_parse_the_same_across_any_split(cut in 0_usize..80) {
+            let wire = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+            let cut = cut.min(wire.len());
+            let mut buf = BytesMut::from(&wire[..cut]);
+            let first = parse_response(&mut buf, &Method::GET).unwrap();
+            buf.extend_from_slice(&wire[cut..]);
+            let head = match first {
+                Some(h) => h,
+                None => parse_response(&mut buf, &Method::GET).unwrap().unwrap(),
+            };
+            prop_assert_eq!(head.framing, Framing::Length(2));
+            prop_assert_eq!(&head.parts.headers["content-type"], "application/json");
+            prop_assert_eq!(&buf[..], b"{}");
+        }
+
+        /// Arbitrary bytes never panic the parsers.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = parse_response(&mut buf, &Method::GET);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut decoder = Chunked::new();
+            for _ in 0..64 {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(Decoded::Data(_))) => {}
+                    _ => break,
+                }
+            }
+        }
+    }
+}
