@@ -23,7 +23,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 /// Largest response head accepted.
 pub const MAX_HEAD: usize = 64 << 10;
 /// Most header fields accepted in a response head.
-pub const MAX_HEADERS: usize = 128;
+pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (with extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4 << 10;
 /// Most trailer bytes accepted after a chunked body (they are read and dropped).
@@ -55,9 +55,21 @@ pub struct ResponseHead {
 
 /// Parses the response head at the start of `buf`, removing it (and any interim 1xx
 /// answers before it) from `buf`. `Ok(None)`: the head is not complete yet.
+#[cfg(test)]
 pub fn parse_response(
     buf: &mut BytesMut,
     request_method: &Method,
+) -> Result<Option<ResponseHead>, String> {
+    parse_response_with(buf, request_method, &mut Vec::new())
+}
+
+/// Parses the response head at the start of `buf`, removing it (and any interim 1xx
+/// answers before it) from `buf`. `Ok(None)`: the head is not complete yet. `spans` is
+/// scratch the caller keeps (one per connection), so that no response pays for one.
+pub fn parse_response_with(
+    buf: &mut BytesMut,
+    request_method: &Method,
+    spans: &mut Vec<(usize, usize, usize, usize)>,
 ) -> Result<Option<ResponseHead>, String> {
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -94,19 +106,19 @@ pub fn parse_response(
         // Where each field's name and value sit in `buf`, so that the values can be
         // cut from the head's bytes without copying once the parser lets go of them.
         let base = buf.as_ptr() as usize;
-        let mut spans = [(0_usize, 0_usize, 0_usize, 0_usize); MAX_HEADERS];
         let count = res.headers.len();
-        for (span, field) in spans.iter_mut().zip(res.headers.iter()) {
-            *span = (
+        spans.clear();
+        spans.extend(res.headers.iter().map(|field| {
+            (
                 field.name.as_ptr() as usize - base,
                 field.name.len(),
                 field.value.as_ptr() as usize - base,
                 field.value.len(),
-            );
-        }
+            )
+        }));
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
-        for &(name_at, name_len, value_at, value_len) in spans.iter().take(count) {
+        for &(name_at, name_len, value_at, value_len) in spans.iter() {
             let name = head
                 .get(name_at..name_at + name_len)
                 .and_then(|n| HeaderName::from_bytes(n).ok())

@@ -71,6 +71,8 @@ pub struct Conn {
     address: Authority,
     buf: BytesMut,
     out: BytesMut,
+    /// Scratch for the response head parser.
+    spans: Vec<(usize, usize, usize, usize)>,
 }
 
 impl Conn {
@@ -164,7 +166,7 @@ impl Conn {
     async fn read_head(&mut self, method: &Method) -> Result<h1::ResponseHead, TryError> {
         loop {
             if !self.buf.is_empty()
-                && let Some(head) = h1::parse_response(&mut self.buf, method)
+                && let Some(head) = h1::parse_response_with(&mut self.buf, method, &mut self.spans)
                     .map_err(|e| TryError::Protocol(format!("from {}: {e}", self.address)))?
             {
                 return Ok(head);
@@ -321,6 +323,7 @@ async fn connect(address: &Authority) -> Result<Conn, TryError> {
         address: address.clone(),
         buf: BytesMut::with_capacity(READ_CHUNK),
         out: BytesMut::with_capacity(1024),
+        spans: Vec::with_capacity(16),
     })
 }
 
