@@ -10,6 +10,8 @@
 # is not quiet, so it is what an A/B of a hot-path change compares.
 #
 # Usage: bench/gateway-ab.sh BINARY_A BINARY_B [pairs (default 5)] [seconds (default 6)]
+# CONFIG_A / CONFIG_B (environment) give each build its own config file instead of
+# bench/gateway.toml, to measure a policy's cost with one binary.
 # Prints one line per run and the medians. Writes nothing to the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,14 +30,18 @@ trap 'exit 130' INT TERM
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 command -v wrk >/dev/null || { echo "wrk is missing: run bench/gateway-vs-nginx.sh once (it installs it)" >&2; exit 1; }
 
-free_port() {
+CHOSEN=" "
+free_port() { # a port nobody listens on and not chosen before in this run
   while :; do
     p=$(( (RANDOM % 20000) + 20000 ))
+    case "$CHOSEN" in *" $p "*) continue ;; esac
     if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
   done
 }
-B1=$(free_port); B2=$(free_port); B3=$(free_port); NG=$(free_port); RG=$(free_port)
-GA=$(free_port); GB=$(free_port)
+pick() { # pick NAME: sets $NAME to a free port no other pick took
+  local p; p=$(free_port); CHOSEN="$CHOSEN$p "; printf -v "$1" '%s' "$p"
+}
+for v in B1 B2 B3 NG RG GA GB; do pick "$v"; done
 BODY='{"id":1,"name":"John Doe","email":"john@example.com","age":30}'
 cat > "$WORK/backend.conf" <<NGX
 worker_processes 1;
@@ -78,13 +84,13 @@ for p in $B1 $B2 $B3; do
     -d "{\"name\":\"bench-backend\",\"port\":$p,\"host\":\"127.0.0.1\",\"heartbeatInterval\":3600}" \
     "http://127.0.0.1:$RG/register"
 done
-start_gw() { # binary port -> pid
+start_gw() { # binary port config -> pid
   RUST_LOG=warn "$1" gateway --port "$2" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
-    --config bench/gateway.toml >/dev/null 2>"$WORK/gateway-$2.log" &
+    --config "$3" >/dev/null 2>"$WORK/gateway-$2.log" &
   echo $!
 }
-PA=$(start_gw "$A" "$GA"); PIDS+=("$PA")
-PB=$(start_gw "$B" "$GB"); PIDS+=("$PB")
+PA=$(start_gw "$A" "$GA" "${CONFIG_A:-bench/gateway.toml}"); PIDS+=("$PA")
+PB=$(start_gw "$B" "$GB" "${CONFIG_B:-bench/gateway.toml}"); PIDS+=("$PB")
 wait_http "http://127.0.0.1:$GA/bench/users/1"
 wait_http "http://127.0.0.1:$GB/bench/users/1"
 

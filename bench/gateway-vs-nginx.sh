@@ -37,13 +37,18 @@ cargo build --release --quiet -p breakwater
 BW=target/release/breakwater
 
 # Free ports: random ones in 20000-39999 that `ss` shows nobody listening on.
-free_port() {
+CHOSEN=" "
+free_port() { # a port nobody listens on and not chosen before in this run
   while :; do
     p=$(( (RANDOM % 20000) + 20000 ))
+    case "$CHOSEN" in *" $p "*) continue ;; esac
     if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
   done
 }
-B1=$(free_port); B2=$(free_port); B3=$(free_port); NG=$(free_port); GW=$(free_port); RG=$(free_port)
+pick() { # pick NAME: sets $NAME to a free port no other pick took
+  local p; p=$(free_port); CHOSEN="$CHOSEN$p "; printf -v "$1" '%s' "$p"
+}
+for v in B1 B2 B3 NG GW RG; do pick "$v"; done
 
 BODY='{"id":1,"name":"John Doe","email":"john@example.com","age":30}'
 cat > "$WORK/backend.conf" <<NGX

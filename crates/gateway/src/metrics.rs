@@ -31,7 +31,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::time::Instant;
 
@@ -139,10 +138,10 @@ struct CacheLabels {
     result: &'static str,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+type HistogramFamily<L> = Family<L, ShardedHistogram, fn() -> ShardedHistogram>;
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(LATENCY_BUCKETS)
+fn latency_histogram() -> ShardedHistogram {
+    ShardedHistogram::new(LATENCY_BUCKETS)
 }
 
 /// Metric handles by label key, in front of a `Family` whose lookup would need an owned
@@ -220,8 +219,8 @@ struct HotRequest {
     status: u16,
     method: &'static str,
     route: Box<str>,
-    count: Counter,
-    duration: Histogram,
+    count: ShardedCounter,
+    duration: ShardedHistogram,
 }
 
 struct HotAttempt {
@@ -231,8 +230,8 @@ struct HotAttempt {
     outcome: &'static str,
     service: Box<str>,
     instance: Box<str>,
-    count: Counter,
-    duration: Histogram,
+    count: ShardedCounter,
+    duration: ShardedHistogram,
 }
 
 impl HotHandles {
@@ -324,14 +323,14 @@ fn seconds(elapsed: Duration) -> f64 {
 pub struct Metrics {
     id: u64,
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    requests_by_key: Handles<Counter>,
+    requests: Family<RequestLabels, ShardedCounter>,
+    requests_by_key: Handles<ShardedCounter>,
     request_duration: HistogramFamily<RouteLabels>,
-    request_duration_by_route: Handles<Histogram>,
-    attempts: Family<AttemptLabels, Counter>,
-    attempts_by_key: Handles<Counter>,
+    request_duration_by_route: Handles<ShardedHistogram>,
+    attempts: Family<AttemptLabels, ShardedCounter>,
+    attempts_by_key: Handles<ShardedCounter>,
     upstream_duration: HistogramFamily<ServiceLabels>,
-    upstream_duration_by_service: Handles<Histogram>,
+    upstream_duration_by_service: Handles<ShardedHistogram>,
     retries: Family<ServiceLabels, Counter>,
     retries_by_service: Handles<Counter>,
     budget_exhausted: Family<ServiceLabels, Counter>,
@@ -376,7 +375,7 @@ impl Metrics {
         if let Some(tracer) = breakwater_runtime::otlp::Tracer::global() {
             tracer.register(&mut registry);
         }
-        let requests = Family::<RequestLabels, Counter>::default();
+        let requests = Family::<RequestLabels, ShardedCounter>::default();
         registry.register(
             "requests",
             "Requests answered by the gateway, by route, method and status",
@@ -390,7 +389,7 @@ impl Metrics {
             Unit::Seconds,
             request_duration.clone(),
         );
-        let attempts = Family::<AttemptLabels, Counter>::default();
+        let attempts = Family::<AttemptLabels, ShardedCounter>::default();
         registry.register(
             "upstream_attempts",
             "Upstream attempts (first tries and retries), by service, instance and outcome",
@@ -627,7 +626,7 @@ impl Metrics {
                         status,
                     })
                 },
-                Counter::clone,
+                ShardedCounter::clone,
             )
         });
         let duration = self.request_duration_by_route.with(
@@ -637,7 +636,7 @@ impl Metrics {
                     route: route.to_owned(),
                 })
             },
-            Histogram::clone,
+            ShardedHistogram::clone,
         );
         count.inc();
         duration.observe(seconds(elapsed));
@@ -693,7 +692,7 @@ impl Metrics {
                         outcome,
                     })
                 },
-                Counter::clone,
+                ShardedCounter::clone,
             )
         });
         let duration = self.upstream_duration_by_service.with(
@@ -703,7 +702,7 @@ impl Metrics {
                     service: service.to_owned(),
                 })
             },
-            Histogram::clone,
+            ShardedHistogram::clone,
         );
         count.inc();
         duration.observe(seconds(elapsed));
@@ -932,6 +931,10 @@ impl std::fmt::Write for Digits {
 pub async fn handler(State(metrics): State<Arc<Metrics>>, headers: HeaderMap) -> Response {
     metrics.response(&headers)
 }
+
+mod sharded;
+
+pub use sharded::{ShardedCounter, ShardedHistogram};
 
 #[cfg(test)]
 mod tests {
