@@ -35,7 +35,7 @@ use crate::health::{self, GATEWAY_SERVICE};
 use crate::limit::SharedLimits;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::route::{RouteMatch, RouteTable};
+use crate::route::{Route, RouteMatch, RouteTable};
 use crate::stack::{self, RouteLabel};
 use crate::upstream::{EjectionChange, EndpointSet, Upstream, UpstreamObserver, Upstreams};
 
@@ -408,36 +408,51 @@ impl Front {
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<axum::BoxError>,
     {
-        let route = if gateway_path(req.uri().path()) {
-            None
-        } else {
-            // A guard, not a clone of the table's `Arc`: only the route's count moves.
-            match self
-                .state
-                .inner
-                .routes
-                .load()
-                .find(req.method(), req.uri().path())
-            {
-                RouteMatch::Found(route) => Some(Arc::clone(route)),
-                RouteMatch::WrongMethod | RouteMatch::NotFound => None,
-            }
-        };
-        let Some(route) = route else {
+        let Some(route) = self.fast_route(req.method(), req.uri().path()) else {
             let mut req = req.map(Body::new);
             req.extensions_mut().insert(ConnectInfo(peer));
-            return match self.router.clone().oneshot(req).await {
+            // Boxed: the router's future is large, and held inline it would enlarge
+            // (and so make dearer to move) the fast path's future too.
+            return match Box::pin(self.router.clone().oneshot(req)).await {
                 Ok(res) => res.map(ClientBody::Other),
                 Err(never) => match never {},
             };
         };
+        self.serve_routed(&route, req, peer).await
+    }
+
+    /// The route of a request the fast path serves: a path only the route table
+    /// answers, matched to a route. `None`: the router answers it.
+    pub fn fast_route(&self, method: &axum::http::Method, path: &str) -> Option<Arc<Route>> {
+        if gateway_path(path) {
+            return None;
+        }
+        // A guard, not a clone of the table's `Arc`: only the route's count moves.
+        match self.state.inner.routes.load().find(method, path) {
+            RouteMatch::Found(route) => Some(Arc::clone(route)),
+            RouteMatch::WrongMethod | RouteMatch::NotFound => None,
+        }
+    }
+
+    /// Serves `req` from `peer` on `route` (found by [`Self::fast_route`]), with the
+    /// request id and request metrics done inline.
+    pub async fn serve_routed<B>(
+        &self,
+        route: &Route,
+        req: hyper::Request<B>,
+        peer: SocketAddr,
+    ) -> hyper::Response<ClientBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let id = forward::request_id_of(&mut parts.headers);
         let method = parts.method.clone();
         // The peer goes along as an argument: in the request's extensions it would cost
         // a map allocation per request.
-        let mut res = stack::serve(&self.state, &route, parts, body, Some(peer)).await;
+        let mut res = stack::serve(&self.state, route, parts, body, Some(peer)).await;
         res.headers_mut().insert(forward::REQUEST_ID, id);
         self.state.metrics().request(
             &route.label,

@@ -168,7 +168,10 @@ where
     let mut limit_headers = None;
     if let Some(limiter) = &route.limiter {
         let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
-        match limiter.check(&parts.headers, peer).await {
+        // Boxed, as the cache below: a shared (Redis) check is a large future, and held
+        // inline it would make every request's future larger, which is copied as the
+        // request moves into hyper's dispatcher.
+        match Box::pin(limiter.check(&parts.headers, peer)).await {
             Ok(headers) => {
                 trace.note("limit", "ok");
                 limit_headers = Some(headers);
@@ -205,7 +208,7 @@ where
         .insert(TRACEPARENT, forward::traceparent_value(&span.context));
 
     let mut res = match cache_ttl {
-        Some(ttl) => own(cached(state, route, outbound, ttl, &mut trace).await),
+        Some(ttl) => own(Box::pin(cached(state, route, outbound, ttl, &mut trace)).await),
         None => {
             match dispatch(state, &route.upstream, route.policy(), outbound, &mut trace).await {
                 Ok(res) => forward::proxied_response(res),

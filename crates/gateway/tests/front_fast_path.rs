@@ -207,3 +207,17 @@ async fn the_gateway_forwards_its_own_span_in_the_callers_trace_or_a_new_one() {
     assert_ne!(other_span, "00f067aa0ba902b7");
     assert_eq!(other_flags, "01");
 }
+
+/// hyper moves each request's future into its dispatcher, so every byte of it is
+/// copied per request: the rare, large branches (the router, the cache, a shared rate
+/// limit check, registry fetches, connecting) are boxed to keep it small. Before they
+/// were, it was 12 KiB here (debug build); this catches one creeping back in.
+#[tokio::test]
+async fn the_fast_paths_future_stays_small() {
+    let registry = FakeRegistry::start().await;
+    let front = Front::new(gateway_state(&registry.url, Duration::from_secs(10)));
+    let peer: SocketAddr = "10.1.2.3:40000".parse().unwrap();
+    let future = front.handle(get("/users/1"), peer);
+    let size = std::mem::size_of_val(&future);
+    assert!(size <= 6 << 10, "the front's future is {size} bytes");
+}

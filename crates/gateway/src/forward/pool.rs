@@ -123,43 +123,47 @@ impl Conn {
                 }
             }
             Some(Payload::Streamed(_)) => {
-                let Some(Payload::Streamed(mut body)) = payload.take() else {
+                let Some(Payload::Streamed(body)) = payload.take() else {
                     return Ok(());
                 };
-                let exact = hyper::body::Body::size_hint(&body).exact();
-                let framing = RequestFraming::for_body(&head.method, exact);
-                h1::encode_request_head(
-                    &mut self.out,
-                    &head.method,
-                    target,
-                    &head.headers,
-                    framing,
-                );
-                self.io.write_all(&self.out).await?;
-                while let Some(frame) = body.frame().await {
-                    let frame = frame.map_err(|e| {
-                        std::io::Error::other(format!("reading the client's body: {e}"))
-                    })?;
-                    let Ok(data) = frame.into_data() else {
-                        continue; // trailers are not passed on
-                    };
-                    if data.is_empty() {
-                        continue;
-                    }
-                    if framing == RequestFraming::Chunked {
-                        self.out.clear();
-                        h1::encode_chunk(&mut self.out, &data);
-                        self.io.write_all(&self.out).await?;
-                    } else {
-                        self.io.write_all(&data).await?;
-                    }
-                }
-                if framing == RequestFraming::Chunked {
-                    self.io.write_all(h1::LAST_CHUNK).await?;
-                }
-                Ok(())
+                // Boxed: rare, and large enough to enlarge every request's future.
+                Box::pin(self.write_streamed(head, target, body)).await
             }
         }
+    }
+
+    /// Writes the head and a streamed body (chunked unless its length is known).
+    async fn write_streamed(
+        &mut self,
+        head: &request::Parts,
+        target: &str,
+        mut body: Body,
+    ) -> std::io::Result<()> {
+        let exact = hyper::body::Body::size_hint(&body).exact();
+        let framing = RequestFraming::for_body(&head.method, exact);
+        h1::encode_request_head(&mut self.out, &head.method, target, &head.headers, framing);
+        self.io.write_all(&self.out).await?;
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| std::io::Error::other(format!("reading the client's body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers are not passed on
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if framing == RequestFraming::Chunked {
+                self.out.clear();
+                h1::encode_chunk(&mut self.out, &data);
+                self.io.write_all(&self.out).await?;
+            } else {
+                self.io.write_all(&data).await?;
+            }
+        }
+        if framing == RequestFraming::Chunked {
+            self.io.write_all(h1::LAST_CHUNK).await?;
+        }
+        Ok(())
     }
 
     /// Reads until a whole response head is in.
@@ -197,10 +201,34 @@ struct Pooled {
     idle_since: Instant,
 }
 
+/// FNV-1a: the pool's keys are a handful of short addresses hashed twice per request,
+/// and `Authority` hashes byte by byte, which SipHash makes dear. The keys come from
+/// the registry, not from clients, so flooding one bucket is not a concern.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 /// One thread's idle connections, by upstream address.
 #[derive(Default)]
 struct ThreadPool {
-    by_address: HashMap<Authority, Vec<Pooled>>,
+    by_address: HashMap<Authority, Vec<Pooled>, std::hash::BuildHasherDefault<Fnv>>,
     reaper: bool,
 }
 
@@ -279,7 +307,9 @@ pub async fn send(
         let (mut conn, reused) =
             match with_pool(|pool| pool.checkout(address, Instant::now())).flatten() {
                 Some(conn) => (conn, true),
-                None => (connect(address).await?, false),
+                // Boxed: connecting is rare and its future large; inline it would
+                // enlarge every request's future.
+                None => (Box::pin(connect(address)).await?, false),
             };
         if let Err(e) = conn.write_request(&head, &mut payload).await {
             // A pooled connection the upstream had closed: a kept body goes again on

@@ -232,7 +232,9 @@ impl Discovery {
                 self.spawn_refresh(name);
                 non_empty(name, instances)
             }
-            Cached::Fetch => match self.shared.client.services(name).await {
+            // Boxed: the registry call is a large future, and held inline it would
+            // make every cached resolve (the gateway's hot path) as large.
+            Cached::Fetch => match Box::pin(self.shared.client.services(name)).await {
                 Ok(fetched) => non_empty(name, self.shared.store(name, fetched, Instant::now())),
                 Err(source) => {
                     let last = self
