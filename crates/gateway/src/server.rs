@@ -397,13 +397,15 @@ impl Front {
         Self { state, router }
     }
 
-    /// Answers `req` from the client at `peer`. A proxied answer's body is the
-    /// upstream's stream itself, not boxed.
+    /// Answers `req` from the client at `peer`, as hyper's service calls it (owning its
+    /// `Front`, never failing). A proxied answer's body is the upstream's stream itself,
+    /// not boxed. The proxied path is written out here rather than in an `async fn` of
+    /// its own: each nested future is one more copy of it per request.
     pub async fn handle<B>(
-        &self,
+        self: Arc<Self>,
         req: hyper::Request<B>,
         peer: SocketAddr,
-    ) -> hyper::Response<ClientBody>
+    ) -> Result<hyper::Response<ClientBody>, std::convert::Infallible>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<axum::BoxError>,
@@ -414,11 +416,26 @@ impl Front {
             // Boxed: the router's future is large, and held inline it would enlarge
             // (and so make dearer to move) the fast path's future too.
             return match Box::pin(self.router.clone().oneshot(req)).await {
-                Ok(res) => res.map(ClientBody::Other),
+                Ok(res) => Ok(res.map(ClientBody::Other)),
                 Err(never) => match never {},
             };
         };
-        self.serve_routed(&route, req, peer).await
+        // The request id and request metrics of `app`'s middleware, done inline.
+        let started = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let id = forward::request_id_of(&mut parts.headers);
+        let method = parts.method.clone();
+        // The peer goes along as an argument: in the request's extensions it would cost
+        // a map allocation per request.
+        let mut res = stack::serve(&self.state, &route, parts, body, Some(peer)).await;
+        res.headers_mut().insert(forward::REQUEST_ID, id);
+        self.state.metrics().request(
+            &route.label,
+            &method,
+            res.status().as_u16(),
+            started.elapsed(),
+        );
+        Ok(res)
     }
 
     /// The route of a request the fast path serves: a path only the route table
@@ -432,35 +449,6 @@ impl Front {
             RouteMatch::Found(route) => Some(Arc::clone(route)),
             RouteMatch::WrongMethod | RouteMatch::NotFound => None,
         }
-    }
-
-    /// Serves `req` from `peer` on `route` (found by [`Self::fast_route`]), with the
-    /// request id and request metrics done inline.
-    pub async fn serve_routed<B>(
-        &self,
-        route: &Route,
-        req: hyper::Request<B>,
-        peer: SocketAddr,
-    ) -> hyper::Response<ClientBody>
-    where
-        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-        B::Error: Into<axum::BoxError>,
-    {
-        let started = Instant::now();
-        let (mut parts, body) = req.into_parts();
-        let id = forward::request_id_of(&mut parts.headers);
-        let method = parts.method.clone();
-        // The peer goes along as an argument: in the request's extensions it would cost
-        // a map allocation per request.
-        let mut res = stack::serve(&self.state, route, parts, body, Some(peer)).await;
-        res.headers_mut().insert(forward::REQUEST_ID, id);
-        self.state.metrics().request(
-            &route.label,
-            &method,
-            res.status().as_u16(),
-            started.elapsed(),
-        );
-        res
     }
 }
 
@@ -591,8 +579,7 @@ pub async fn run(
     let per_connection = move |peer: SocketAddr| {
         let front = Arc::clone(&front.0);
         hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let front = Arc::clone(&front);
-            async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
+            Arc::clone(&front).handle(req, peer)
         })
     };
     let server = tokio::spawn(serve_per_core_with(

@@ -127,99 +127,91 @@ where
     B::Error: Into<BoxError>,
 {
     let span = GatewaySpan::start(&parts.headers);
-    // Every way out of the request passes here, with its span complete. Export off
-    // (no tracer installed): this branch is all it costs.
-    let Some(tracer) = Tracer::global().filter(|_| span.context.sampled()) else {
-        return serve_in_span(state, route, parts, body, peer, &span).await;
-    };
-    let method = parts.method.clone();
-    let res = serve_in_span(state, route, parts, body, peer, &span).await;
-    tracer.record(observe::server_span(
-        span.context,
-        span.parent_span_id,
-        SpanTimer::since(span.started),
-        method.as_str(),
-        Some(&route.label),
-        res.status().as_u16(),
-    ));
-    res
-}
+    // Exported only with a tracer installed and a sampled span; otherwise this is all
+    // the span costs.
+    let tracer = Tracer::global().filter(|_| span.context.sampled());
+    let method = tracer.map(|_| parts.method.clone());
+    // One block rather than an `async fn` of its own: each nested future is one more
+    // copy of it per request. Every way out passes the span's end below.
+    let res = 'serve: {
+        let mut trace = Trace::from_request(&parts.headers);
+        trace.note("route", &route.spec.prefix);
+        if forward::has_dot_segment(parts.uri.path()) {
+            break 'serve own(GatewayError::bad_request(
+                "Invalid path: dot segments are not allowed",
+            )
+            .into_response());
+        }
 
-async fn serve_in_span<B>(
-    state: &GatewayState,
-    route: &Route,
-    parts: axum::http::request::Parts,
-    body: B,
-    peer: Option<SocketAddr>,
-    span: &GatewaySpan,
-) -> ProxyResponse
-where
-    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<BoxError>,
-{
-    let mut trace = Trace::from_request(&parts.headers);
-    trace.note("route", &route.spec.prefix);
-    if forward::has_dot_segment(parts.uri.path()) {
-        return own(
-            GatewayError::bad_request("Invalid path: dot segments are not allowed").into_response(),
-        );
-    }
-
-    let mut limit_headers = None;
-    if let Some(limiter) = &route.limiter {
-        let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
-        // Boxed, as the cache below: a shared (Redis) check is a large future, and held
-        // inline it would make every request's future larger, which is copied as the
-        // request moves into hyper's dispatcher.
-        match Box::pin(limiter.check(&parts.headers, peer)).await {
-            Ok(headers) => {
-                trace.note("limit", "ok");
-                limit_headers = Some(headers);
-            }
-            Err(mut res) => {
-                state.metrics().rate_limited(&route.label);
-                trace.note("limit", "rejected");
-                trace.finish(res.headers_mut());
-                return own(res);
+        let mut limit_headers = None;
+        if let Some(limiter) = &route.limiter {
+            let peer = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.ip());
+            // Boxed, as the cache below: a shared (Redis) check is a large future, and held
+            // inline it would make every request's future larger, which is copied as the
+            // request moves into hyper's dispatcher.
+            match Box::pin(limiter.check(&parts.headers, peer)).await {
+                Ok(headers) => {
+                    trace.note("limit", "ok");
+                    limit_headers = Some(headers);
+                }
+                Err(mut res) => {
+                    state.metrics().rate_limited(&route.label);
+                    trace.note("limit", "rejected");
+                    trace.finish(res.headers_mut());
+                    break 'serve own(res);
+                }
             }
         }
-    }
 
-    let original = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let path = route.upstream_path(&original);
-    let cache_ttl = route
-        .policy()
-        .cache
-        .filter(|_| parts.method == Method::GET && ResponseCache::request_allows(&parts.headers))
-        .map(|c| c.ttl);
-    if route.policy().cache.is_some() && cache_ttl.is_none() {
-        trace.note("cache", "bypass");
-    }
-    let mut outbound = match Outbound::from_client(parts, body, path, peer).await {
-        Ok(outbound) => outbound,
-        Err(e) => return own(e.into_response()),
-    };
-    outbound
-        .headers
-        .insert(TRACEPARENT, forward::traceparent_value(&span.context));
-
-    let mut res = match cache_ttl {
-        Some(ttl) => own(Box::pin(cached(state, route, outbound, ttl, &mut trace)).await),
-        None => {
-            match dispatch(state, &route.upstream, route.policy(), outbound, &mut trace).await {
-                Ok(res) => forward::proxied_response(res),
-                Err(e) => own(failure_response(route, e, &mut trace)),
-            }
+        let original = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = route.upstream_path(&original);
+        let cache_ttl = route
+            .policy()
+            .cache
+            .filter(|_| {
+                parts.method == Method::GET && ResponseCache::request_allows(&parts.headers)
+            })
+            .map(|c| c.ttl);
+        if route.policy().cache.is_some() && cache_ttl.is_none() {
+            trace.note("cache", "bypass");
         }
+        let mut outbound = match Outbound::from_client(parts, body, path, peer).await {
+            Ok(outbound) => outbound,
+            Err(e) => break 'serve own(e.into_response()),
+        };
+        outbound
+            .headers
+            .insert(TRACEPARENT, forward::traceparent_value(&span.context));
+
+        let mut res = match cache_ttl {
+            Some(ttl) => own(Box::pin(cached(state, route, outbound, ttl, &mut trace)).await),
+            None => {
+                match dispatch(state, &route.upstream, route.policy(), outbound, &mut trace).await {
+                    Ok(res) => forward::proxied_response(res),
+                    Err(e) => own(failure_response(route, e, &mut trace)),
+                }
+            }
+        };
+        if let Some(headers) = limit_headers {
+            res.headers_mut().extend(headers);
+        }
+        trace.finish(res.headers_mut());
+        res
     };
-    if let Some(headers) = limit_headers {
-        res.headers_mut().extend(headers);
+    if let (Some(tracer), Some(method)) = (tracer, method) {
+        tracer.record(observe::server_span(
+            span.context,
+            span.parent_span_id,
+            SpanTimer::since(span.started),
+            method.as_str(),
+            Some(&route.label),
+            res.status().as_u16(),
+        ));
     }
-    trace.finish(res.headers_mut());
     res
 }
 
