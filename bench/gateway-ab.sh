@@ -111,17 +111,18 @@ measure() { # label port pid...
   local label=$1 port=$2; shift 2
   wrk -t2 -c64 -d2s "http://127.0.0.1:$port/bench/users/1" >/dev/null
   read -r u0 s0 c0 < <(counters "$@")
-  wrk -t2 -c64 -d"${SECS}s" "http://127.0.0.1:$port/bench/users/1" > "$WORK/wrk.out"
+  wrk -t2 -c64 -d"${SECS}s" --latency "http://127.0.0.1:$port/bench/users/1" > "$WORK/wrk.out"
   read -r u1 s1 c1 < <(counters "$@")
-  local rps n
+  local rps n p99
   rps=$(awk '/Requests\/sec/{print $2}' "$WORK/wrk.out")
   n=$(awk '/requests in/{print $1}' "$WORK/wrk.out")
+  p99=$(awk '$1=="99%"{print $2}' "$WORK/wrk.out")
   awk -v l="$label" -v r="$rps" -v n="$n" -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v c=$((c1 - c0)) \
-    -v hz="$HZ" -v ld="$(cut -d' ' -f1 /proc/loadavg)" \
-    'BEGIN{ printf "%s %.0f %.2f %.2f %.3f %s\n", l, r, u*1e6/hz/n, s*1e6/hz/n, c/n, ld }' | tee -a "$WORK/rows"
+    -v hz="$HZ" -v ld="$(cut -d' ' -f1 /proc/loadavg)" -v p99="$p99" \
+    'BEGIN{ printf "%s %.0f %.2f %.2f %.3f %s %s\n", l, r, u*1e6/hz/n, s*1e6/hz/n, c/n, ld, p99 }' | tee -a "$WORK/rows"
 }
 nginx_workers() { pgrep -P "$(cat "$WORK/proxy.pid")" | tr '\n' ' '; }
-echo "build req/s user_us/req sys_us/req switches/req load1"
+echo "build req/s user_us/req sys_us/req switches/req load1 p99"
 for i in $(seq 1 "$PAIRS"); do
   if [ $((i % 2)) -eq 1 ]; then measure A "$GA" "$PA"; measure B "$GB" "$PB"
   else measure B "$GB" "$PB"; measure A "$GA" "$PA"; fi

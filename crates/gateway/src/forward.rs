@@ -15,7 +15,7 @@
 mod h1;
 mod pool;
 
-pub use pool::{BodyError, Payload, UpstreamIncoming};
+pub use pool::{BodyError, Payload, TryHead, UpstreamIncoming};
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -27,7 +27,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::header::{CONNECTION, CONTENT_LENGTH, HOST};
 use axum::http::uri::PathAndQuery;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version, request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, request};
 use axum::middleware::Next;
 use axum::response::Response;
 use breakwater_runtime::observe::TraceContext;
@@ -179,27 +179,13 @@ impl Outbound {
         )
     }
 
-    /// The request for one try at `endpoint`. `last` moves the headers instead of
-    /// copying them (no try follows). `None` when a streamed body was already sent.
-    fn request_for(&mut self, endpoint: &Endpoint, last: bool) -> Option<hyper::Request<Payload>> {
-        let body = match &mut self.body {
-            OutboundBody::Kept(bytes) => Payload::Kept(bytes.clone()),
-            OutboundBody::Streamed(stream) => Payload::Streamed(stream.take()?),
-        };
-        let mut req = hyper::Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.version_mut() = Version::HTTP_11;
-        // Origin form (`/path?query`): what an HTTP/1.1 request to a server carries.
-        *req.uri_mut() = Uri::from(self.path_and_query.clone());
-        // `Host` goes into the kept map before it is copied: a copy has no spare room,
-        // so adding it to the copy would grow (reallocate) it on every try.
-        self.headers.insert(HOST, endpoint.host_header.clone());
-        *req.headers_mut() = if last {
-            std::mem::take(&mut self.headers)
-        } else {
-            self.headers.clone()
-        };
-        Some(req)
+    /// The body for one try: the kept bytes (shared, not copied), or the client's
+    /// stream, which only one try can send (`None` once it was sent).
+    fn payload(&mut self) -> Option<Payload> {
+        match &mut self.body {
+            OutboundBody::Kept(bytes) => Some(Payload::Kept(bytes.clone())),
+            OutboundBody::Streamed(stream) => stream.take().map(Payload::Streamed),
+        }
     }
 }
 
@@ -331,18 +317,23 @@ impl std::fmt::Display for TryError {
 }
 
 /// One try of `outbound` at `endpoint` on this thread's pool, waiting at most `timeout`
-/// for the response head (connecting included). `last` says no try follows (the headers
-/// are moved, not copied).
+/// for the response head (connecting included). The try borrows the outbound's
+/// method, target and headers, so no try copies them.
 pub async fn send_once(
     endpoint: &Endpoint,
     outbound: &mut Outbound,
     timeout: Duration,
-    last: bool,
 ) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
-    let Some(req) = outbound.request_for(endpoint, last) else {
+    let Some(payload) = outbound.payload() else {
         return Err(TryError::BodyGone);
     };
-    match tokio::time::timeout(timeout, pool::send(&endpoint.authority, req)).await {
+    outbound.headers.insert(HOST, endpoint.host_header.clone());
+    let head = TryHead {
+        method: &outbound.method,
+        target: outbound.path_and_query.as_str(),
+        headers: &outbound.headers,
+    };
+    match tokio::time::timeout(timeout, pool::send(&endpoint.authority, head, payload)).await {
         Err(_elapsed) => Err(TryError::Timeout),
         Ok(result) => result,
     }

@@ -386,11 +386,10 @@ pub async fn dispatch(
             });
         };
         tried.add(pick.index);
-        let last_try = attempt >= retry.max_attempts.get() || replay == classify::Replay::Never;
         let in_flight = pick.endpoint.start();
         // Only the breaker and the balancer ran since `now`: no second clock read.
         let sent = now;
-        let result = forward::send_once(&pick.endpoint, &mut outbound, try_timeout, last_try).await;
+        let result = forward::send_once(&pick.endpoint, &mut outbound, try_timeout).await;
         drop(in_flight);
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(sent);

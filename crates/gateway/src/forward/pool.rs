@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
+use http::Method;
 use http::uri::Authority;
-use http::{Method, request};
 use http_body_util::BodyExt as _;
 use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -64,6 +64,17 @@ pub enum Payload {
     Streamed(Body),
 }
 
+/// The head of one try, borrowed from the request it tries.
+#[derive(Debug, Clone, Copy)]
+pub struct TryHead<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The origin-form target (`/path?query`).
+    pub target: &'a str,
+    /// The headers to send (`Host` included, no framing headers).
+    pub headers: &'a http::HeaderMap,
+}
+
 /// One upstream connection and what was read from it but not yet used.
 #[derive(Debug)]
 pub struct Conn {
@@ -96,24 +107,18 @@ impl Conn {
     /// Writes the request head and body.
     async fn write_request(
         &mut self,
-        head: &request::Parts,
+        head: TryHead<'_>,
         payload: &mut Option<Payload>,
     ) -> std::io::Result<()> {
-        let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let target = head.target;
         self.out.clear();
         match payload {
             None => Err(std::io::Error::other(
                 "the streamed request body was already sent",
             )),
             Some(Payload::Kept(bytes)) => {
-                let framing = RequestFraming::for_body(&head.method, Some(bytes.len() as u64));
-                h1::encode_request_head(
-                    &mut self.out,
-                    &head.method,
-                    target,
-                    &head.headers,
-                    framing,
-                );
+                let framing = RequestFraming::for_body(head.method, Some(bytes.len() as u64));
+                h1::encode_request_head(&mut self.out, head.method, target, head.headers, framing);
                 if bytes.len() <= COALESCE_BODY {
                     self.out.extend_from_slice(bytes);
                     self.io.write_all(&self.out).await
@@ -135,13 +140,13 @@ impl Conn {
     /// Writes the head and a streamed body (chunked unless its length is known).
     async fn write_streamed(
         &mut self,
-        head: &request::Parts,
+        head: TryHead<'_>,
         target: &str,
         mut body: Body,
     ) -> std::io::Result<()> {
         let exact = hyper::body::Body::size_hint(&body).exact();
-        let framing = RequestFraming::for_body(&head.method, exact);
-        h1::encode_request_head(&mut self.out, &head.method, target, &head.headers, framing);
+        let framing = RequestFraming::for_body(head.method, exact);
+        h1::encode_request_head(&mut self.out, head.method, target, head.headers, framing);
         self.io.write_all(&self.out).await?;
         while let Some(frame) = body.frame().await {
             let frame = frame
@@ -299,9 +304,9 @@ fn release(conn: Conn) {
 /// response head (the caller bounds the wait). The body streams from the connection.
 pub async fn send(
     address: &Authority,
-    req: hyper::Request<Payload>,
+    head: TryHead<'_>,
+    payload: Payload,
 ) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
-    let (head, payload) = req.into_parts();
     let mut payload = Some(payload);
     loop {
         let (mut conn, reused) =
@@ -311,7 +316,7 @@ pub async fn send(
                 // enlarge every request's future.
                 None => (Box::pin(connect(address)).await?, false),
             };
-        if let Err(e) = conn.write_request(&head, &mut payload).await {
+        if let Err(e) = conn.write_request(head, &mut payload).await {
             // A pooled connection the upstream had closed: a kept body goes again on
             // a new one (`reused` is false then, so this happens at most once).
             if reused && matches!(payload, Some(Payload::Kept(_))) {
@@ -322,7 +327,7 @@ pub async fn send(
                 error_chain(&e)
             )));
         }
-        let response = conn.read_head(&head.method).await?;
+        let response = conn.read_head(head.method).await?;
         let body = UpstreamIncoming::new(conn, response.framing, response.keep_alive);
         return Ok(hyper::Response::from_parts(response.parts, body));
     }
@@ -522,14 +527,27 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    fn get(address: &Authority) -> hyper::Request<Payload> {
-        let mut req = hyper::Request::new(Payload::Kept(Bytes::new()));
-        *req.uri_mut() = http::Uri::from_static("/x");
-        req.headers_mut().insert(
+    /// Sends `method /x` with `payload` to `address`.
+    async fn request(
+        address: &Authority,
+        method: Method,
+        payload: Payload,
+    ) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
             http::header::HOST,
             http::HeaderValue::from_str(address.as_str()).unwrap(),
         );
-        req
+        let head = TryHead {
+            method: &method,
+            target: "/x",
+            headers: &headers,
+        };
+        send(address, head, payload).await
+    }
+
+    async fn get(address: &Authority) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
+        request(address, Method::GET, Payload::Kept(Bytes::new())).await
     }
 
     /// Reads one request head (and a body of `content-length` bytes) from `s`; the
@@ -610,7 +628,7 @@ mod tests {
     async fn a_connection_is_reused_once_its_answer_was_read() {
         let (address, mut requests) = server(usize::MAX).await;
         for _ in 0..5 {
-            let res = send(&address, get(&address)).await.unwrap();
+            let res = get(&address).await.unwrap();
             assert_eq!(body(res).await, "hi");
             assert_eq!(pooled(&address), 1);
         }
@@ -622,7 +640,7 @@ mod tests {
         assert!(!head.contains("content-length"), "{head}");
 
         // Two at once need two connections; afterwards both are pooled.
-        let (a, b) = tokio::join!(send(&address, get(&address)), send(&address, get(&address)));
+        let (a, b) = tokio::join!(get(&address), get(&address));
         assert_eq!(body(a.unwrap()).await, "hi");
         assert_eq!(body(b.unwrap()).await, "hi");
         assert_eq!(pooled(&address), 2);
@@ -635,7 +653,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\npartial",
         )
         .await;
-        let res = send(&address, get(&address)).await.unwrap();
+        let res = get(&address).await.unwrap();
         let mut incoming = res.into_body();
         let first = incoming
             .frame()
@@ -657,7 +675,7 @@ mod tests {
         )
         .await;
         for _ in 0..3 {
-            let res = send(&address, get(&address)).await.unwrap();
+            let res = get(&address).await.unwrap();
             assert!(res.headers().contains_key("transfer-encoding"));
             assert_eq!(body(res).await, "abcde");
         }
@@ -665,7 +683,7 @@ mod tests {
 
         let (address, _r) =
             server_answering(1, b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nto the end").await;
-        let res = send(&address, get(&address)).await.unwrap();
+        let res = get(&address).await.unwrap();
         assert_eq!(body(res).await, "to the end");
         assert_eq!(pooled(&address), 0);
     }
@@ -673,10 +691,12 @@ mod tests {
     #[tokio::test]
     async fn bodies_go_up_with_their_length_or_chunked() {
         let (address, mut requests) = server(usize::MAX).await;
-        let mut req = get(&address);
-        *req.method_mut() = Method::POST;
-        *req.body_mut() = Payload::Kept(Bytes::from_static(b"{\"a\":1}"));
-        assert_eq!(body(send(&address, req).await.unwrap()).await, "hi");
+        let posted = request(
+            &address,
+            Method::POST,
+            Payload::Kept(Bytes::from_static(b"{\"a\":1}")),
+        );
+        assert_eq!(body(posted.await.unwrap()).await, "hi");
         let head = requests.recv().await.unwrap();
         assert!(head.starts_with("POST /x HTTP/1.1\r\n"), "{head}");
         assert!(head.contains("content-length: 7\r\n"), "{head}");
@@ -699,10 +719,9 @@ mod tests {
             String::from_utf8(seen).unwrap()
         });
         let stream = futures_stream(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cde")]);
-        let mut req = get(&address);
-        *req.method_mut() = Method::PUT;
-        *req.body_mut() = Payload::Streamed(stream);
-        let res = send(&address, req).await.unwrap();
+        let res = request(&address, Method::PUT, Payload::Streamed(stream))
+            .await
+            .unwrap();
         assert_eq!(res.status(), 201);
         let seen = server.await.unwrap();
         assert!(
@@ -733,7 +752,7 @@ mod tests {
     async fn a_connection_the_upstream_closed_is_replaced_without_failing() {
         let (address, mut requests) = server(1).await;
         for _ in 0..3 {
-            let res = send(&address, get(&address)).await.unwrap();
+            let res = get(&address).await.unwrap();
             assert_eq!(body(res).await, "hi");
             // Let the reactor see the upstream's close.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -752,7 +771,7 @@ mod tests {
             let _ = read_request(&mut s).await;
             s.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await.unwrap();
         });
-        let err = send(&address, get(&address)).await.unwrap_err();
+        let err = get(&address).await.unwrap_err();
         assert!(matches!(err, TryError::Protocol(_)), "{err:?}");
     }
 
@@ -770,7 +789,7 @@ mod tests {
                 .await
                 .unwrap();
         });
-        let res = send(&address, get(&address)).await.unwrap();
+        let res = get(&address).await.unwrap();
         assert_eq!(body(res).await, "v6");
     }
 
@@ -779,14 +798,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         drop(listener);
-        let err = send(&address, get(&address)).await.unwrap_err();
+        let err = get(&address).await.unwrap_err();
         assert!(matches!(err, TryError::Connect(_)), "{err:?}");
     }
 
     #[tokio::test]
     async fn idle_connections_are_reaped() {
         let (address, _requests) = server(usize::MAX).await;
-        let res = send(&address, get(&address)).await.unwrap();
+        let res = get(&address).await.unwrap();
         assert_eq!(body(res).await, "hi");
         let now = Instant::now();
         assert_eq!(
