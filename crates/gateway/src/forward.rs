@@ -610,6 +610,10 @@ fn usable_request_id(v: &HeaderValue) -> bool {
 /// normalise what the gateway routed by prefix, so `/users/../admin` could land outside
 /// the service's routes.
 pub fn has_dot_segment(path: &str) -> bool {
+    // Most paths have neither a dot nor a percent sign: one scan settles those.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
     path.split('/').any(|segment| {
         // Counts the segment's dots (`.` or `%2e`, any case) and fails on anything else,
         // without decoding into a new string.
