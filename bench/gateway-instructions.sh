@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request of one or more gateway builds, counted
+# by valgrind's callgrind: the same count for the same binary and requests whatever
+# else the machine is doing, so a hot-path change can be judged on a busy machine
+# where req/s and CPU time swing by 10% between runs.
+#
+# For each binary: one nginx backend, a registry and the gateway (bench/gateway.toml)
+# under callgrind, `wrk -t1 -c8 -d10s` through it, then the gateway stops and the
+# count is divided by the requests wrk finished. Prints, per binary, instructions per
+# request and the part of them in memcpy (large futures being moved). Kernel time is
+# not counted: for that, use bench/gateway-ab.sh.
+#
+# Usage: bench/gateway-instructions.sh BINARY... (release builds with debug line
+# tables, as the workspace's release profile makes them)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
+command -v wrk >/dev/null || { echo "wrk is missing: run bench/gateway-vs-nginx.sh once (it installs it)" >&2; exit 1; }
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
+  sleep 0.3
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+CHOSEN=" "
+free_port() {
+  while :; do
+    p=$(( (RANDOM % 20000) + 20000 ))
+    case "$CHOSEN" in *" $p "*) continue ;; esac
+    if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
+  done
+}
+pick() { local p; p=$(free_port); CHOSEN="$CHOSEN$p "; printf -v "$1" '%s' "$p"; }
+wait_http() { for _ in $(seq 1 200); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for $1" >&2; return 1; }
+
+pick B1
+cat > "$WORK/backend.conf" <<NGX
+worker_processes 1;
+pid $WORK/backend.pid;
+error_log $WORK/backend-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1;
+           location / { default_type application/json; return 200 '{"id":1,"name":"John Doe","email":"john@example.com","age":30}'; } }
+}
+NGX
+"$NGINX" -c "$WORK/backend.conf" -e "$WORK/backend-error.log"
+
+printf '%-40s %12s %14s %8s\n' binary requests instr/request memcpy
+for BIN in "$@"; do
+  pick RG; pick GW
+  RUST_LOG=warn "$BIN" registry --port "$RG" --bind 127.0.0.1 >/dev/null 2>&1 &
+  RP=$!; PIDS+=("$RP")
+  wait_http "http://127.0.0.1:$RG/health"
+  curl -fsS -o /dev/null -H 'content-type: application/json' \
+    -d "{\"name\":\"bench-backend\",\"port\":$B1,\"host\":\"127.0.0.1\",\"heartbeatInterval\":3600}" \
+    "http://127.0.0.1:$RG/register"
+  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
+    "$BIN" gateway --port "$GW" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
+    --config bench/gateway.toml >/dev/null 2>"$WORK/valgrind.log" &
+  GP=$!; PIDS+=("$GP")
+  wait_http "http://127.0.0.1:$GW/bench/users/1"
+  wrk -t1 -c8 -d10s "http://127.0.0.1:$GW/bench/users/1" > "$WORK/wrk.out"
+  kill -INT "$GP"; wait "$GP" || true
+  kill "$RP"; wait "$RP" 2>/dev/null || true
+  n=$(awk '/requests in/{print $1}' "$WORK/wrk.out")
+  total=$(callgrind_annotate "$WORK/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
+  copy=$(callgrind_annotate "$WORK/cg.out" 2>/dev/null | awk '/__memcpy|__memmove/{gsub(",","",$1); s+=$1} END{print s+0}')
+  awk -v b="$BIN" -v n="$n" -v t="$total" -v c="$copy" \
+    'BEGIN{ printf "%-40s %12d %14.0f %7.0f%%\n", b, n, t/n, 100*c/t }'
+done
