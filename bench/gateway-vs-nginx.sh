@@ -6,12 +6,16 @@
 # three (keepalive upstream, 2 workers), and the breakwater gateway with its default
 # policies (routing, P2C balancing, outlier ejection, breaker, retry budget, metrics)
 # discovering the three through the registry -- wrk runs at -t2 -c64 and -t1 -c1.
+# Each is measured in ROUNDS rounds, nginx and the gateway taking turns going first,
+# and the report gives each figure's median over the rounds (RSS: the peak) beside
+# every round's own row: on a shared two-core machine one run swings by 10% or more.
 # Writes bench/RESULTS.md (the gateway section) with req/s, p50, p99, RSS and ratios.
 #
-# Usage: bench/gateway-vs-nginx.sh [duration-seconds]   (default 15)
+# Usage: bench/gateway-vs-nginx.sh [duration-seconds (default 15)] [rounds (default 3)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-15}"
+ROUNDS="${2:-3}"
 OUT=bench/RESULTS.md
 WORK="$(mktemp -d)"
 PIDS=()
@@ -111,16 +115,17 @@ rss_kb() { # total VmRSS of the given pids
   done; echo "$t"; }
 nginx_proxy_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')"; }
 
-# run NAME URL THREADS CONNS PIDS... -> appends "name conns rps p50us p99us rsskb" to $WORK/rows
+# run ROUND NAME URL THREADS CONNS PIDS... -> appends
+# "round name conns rps p50us p99us rsskb" to $WORK/all
 to_us() { awk -v v="$1" 'BEGIN{ n=v; gsub(/[a-z]+$/,"",n); u=v; sub(/^[0-9.]+/,"",u);
   if(u=="us")m=1; else if(u=="ms")m=1000; else if(u=="s")m=1000000; else m=1; printf "%.0f", n*m }'; }
 run() {
-  local name=$1 url=$2 t=$3 c=$4; shift 4
+  local round=$1 name=$2 url=$3 t=$4 c=$5; shift 5
   local peak=0
   wrk -t"$t" -c"$c" -d"${DURATION}s" --latency "$url" > "$WORK/wrk.out" 2>&1 &
   local wpid=$!
   while kill -0 "$wpid" 2>/dev/null; do
-    if [ "$#" -gt 0 ]; then r=$(rss_kb "$@"); [ "$r" -gt "$peak" ] && peak=$r; fi
+    if [ "$#" -gt 0 ]; then local now_kb; now_kb=$(rss_kb "$@"); [ "$now_kb" -gt "$peak" ] && peak=$now_kb; fi
     sleep 0.5
   done
   wait "$wpid"
@@ -129,19 +134,35 @@ run() {
   p50=$(to_us "$(awk '$1=="50%"{print $2}' "$WORK/wrk.out")")
   p99=$(to_us "$(awk '$1=="99%"{print $2}' "$WORK/wrk.out")")
   local errs; errs=$(awk '/Non-2xx|Socket errors/{print}' "$WORK/wrk.out" | tr '\n' ' ')
-  echo "$name $c $rps $p50 $p99 $peak $errs" | tee -a "$WORK/rows"
+  echo "$round $name $c $rps $p50 $p99 $peak $errs" | tee -a "$WORK/all"
 }
 
 echo "warming up..."
 wrk -t2 -c64 -d3s "http://127.0.0.1:$GW/bench/users/1" >/dev/null
 wrk -t2 -c64 -d3s "http://127.0.0.1:$NG/bench/users/1" >/dev/null
 
-echo "name conns req/s p50us p99us rsskb"
+echo "round name conns req/s p50us p99us rsskb"
 for conf in "2 64" "1 1"; do
   set -- $conf
-  run direct  "http://127.0.0.1:$B1/bench/users/1" "$1" "$2"
-  run nginx   "http://127.0.0.1:$NG/bench/users/1" "$1" "$2" $(nginx_proxy_pids)
-  run gateway "http://127.0.0.1:$GW/bench/users/1" "$1" "$2" "$GW_PID"
+  for r in $(seq 1 "$ROUNDS"); do
+    run "$r" direct "http://127.0.0.1:$B1/bench/users/1" "$1" "$2"
+    if [ $((r % 2)) -eq 1 ]; then
+      run "$r" nginx   "http://127.0.0.1:$NG/bench/users/1" "$1" "$2" $(nginx_proxy_pids)
+      run "$r" gateway "http://127.0.0.1:$GW/bench/users/1" "$1" "$2" "$GW_PID"
+    else
+      run "$r" gateway "http://127.0.0.1:$GW/bench/users/1" "$1" "$2" "$GW_PID"
+      run "$r" nginx   "http://127.0.0.1:$NG/bench/users/1" "$1" "$2" $(nginx_proxy_pids)
+    fi
+  done
+done
+# One row per target and connection count: each figure's median over the rounds, and
+# the peak RSS.
+median() { sort -n | awk '{v[NR]=$1} END{ if (NR % 2) print v[(NR+1)/2]; else printf "%.0f\n", (v[NR/2]+v[NR/2+1])/2 }'; }
+for c in 64 1; do
+  for n in direct nginx gateway; do
+    field() { awk -v n="$n" -v c="$c" -v f="$1" '$2==n && $3==c {print $f}' "$WORK/all"; }
+    echo "$n $c $(field 4 | median) $(field 5 | median) $(field 6 | median) $(field 7 | sort -n | tail -1)" >> "$WORK/rows"
+  done
 done
 
 # RESULTS.md: keep other sections, replace ours.
@@ -155,8 +176,9 @@ write_report() {
     echo "<!-- gateway-vs-nginx: begin -->"
     echo "## Gateway vs nginx vs direct"
     echo
-    echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) by \`bench/gateway-vs-nginx.sh $DURATION\` on $(nproc) cores ($cpu), kernel $kernel, $(free -g | awk '/Mem:/{print $2}') GiB."
-    echo "wrk, ${DURATION}s per run, against three identical backends (one nginx process, three ports, a 64-byte JSON body)."
+    echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) by \`bench/gateway-vs-nginx.sh $DURATION $ROUNDS\` on $(nproc) cores ($cpu), kernel $kernel, $(free -g | awk '/Mem:/{print $2}') GiB."
+    echo "wrk, ${DURATION}s per run, ${ROUNDS} rounds (nginx and the gateway take turns going first), against three identical backends (one nginx process, three ports, a 64-byte JSON body)."
+    echo "The first table gives each figure's median over the rounds (RSS: the peak); every round's own figures follow."
     echo "nginx: $("$NGINX" -v 2>&1 | sed 's/.*: //'), 2 workers, keepalive upstream. Gateway: \`bench/gateway.toml\` (default policies on)."
     echo "Everything (wrk, backends, proxy) shares the same $(nproc) cores."
     echo
@@ -166,10 +188,24 @@ write_report() {
       echo "| $n | $c | $rps | $p50 | $p99 | $(awk -v k="$rss" 'BEGIN{ if (k>0) printf "%.1f", k/1024; else print "-" }') |"
     done < "$WORK/rows"
     echo
-    echo "Ratios (gateway / nginx): req/s at 64 connections **$(ratio "$(get gateway 64 3)" "$(get nginx 64 3)")** (target >= 1.0),"
+    echo "Ratios (gateway / nginx) of the medians: req/s at 64 connections **$(ratio "$(get gateway 64 3)" "$(get nginx 64 3)")** (target >= 1.0),"
     echo "p99 at 64 connections **$(ratio "$(get gateway 64 5)" "$(get nginx 64 5)")** (target <= 1.0)."
     echo "Added p50 at one connection over direct: gateway **$(( $(get gateway 1 4) - $(get direct 1 4) )) us** (target <= 25 us), nginx $(( $(get nginx 1 4) - $(get direct 1 4) )) us."
     echo "Gateway RSS under load: **$(awk -v k="$(get gateway 64 6)" 'BEGIN{printf "%.1f", k/1024}') MB** (target <= 40 MB)."
+    echo
+    printf 'Round by round, req/s gateway / nginx at 64 connections:'
+    for r in $(seq 1 "$ROUNDS"); do
+      g=$(awk -v r="$r" '$1==r && $2=="gateway" && $3==64 {print $4}' "$WORK/all")
+      n=$(awk -v r="$r" '$1==r && $2=="nginx" && $3==64 {print $4}' "$WORK/all")
+      printf ' %s' "$(ratio "$g" "$n")"
+    done
+    echo "."
+    echo
+    echo "| round | target | connections | req/s | p50 (us) | p99 (us) |"
+    echo "|---|---|---|---|---|---|"
+    sort -k3,3nr -k1,1n "$WORK/all" | while read -r r n c rps p50 p99 _; do
+      echo "| $r | $n | $c | $rps | $p50 | $p99 |"
+    done
     if [ -f bench/gateway-notes.md ]; then echo; cat bench/gateway-notes.md; fi
     echo "<!-- gateway-vs-nginx: end -->"
   } > "$WORK/section.md"
