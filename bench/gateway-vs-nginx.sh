@@ -109,10 +109,18 @@ wait_http "http://127.0.0.1:$GW/health"
 wait_http "http://127.0.0.1:$GW/bench/users/1"
 wait_http "http://127.0.0.1:$NG/bench/users/1"
 
-rss_kb() { # total VmRSS of the given pids
-  local t=0; for p in "$@"; do
-    r=$(awk '/VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0); t=$((t + ${r:-0}));
-  done; echo "$t"; }
+# RSS_KB := total VmRSS of the given pids, read with shell builtins only: the sampling
+# must not start processes while wrk runs (a process started every half second on two
+# busy cores preempts the proxy under test often enough to show in its p99).
+rss_sample() {
+  local p k v _rest
+  RSS_KB=0
+  for p in "$@"; do
+    while read -r k v _rest; do
+      if [ "$k" = "VmRSS:" ]; then RSS_KB=$((RSS_KB + v)); fi
+    done < "/proc/$p/status"
+  done
+}
 nginx_proxy_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')"; }
 
 # run ROUND NAME URL THREADS CONNS PIDS... -> appends
@@ -121,12 +129,14 @@ to_us() { awk -v v="$1" 'BEGIN{ n=v; gsub(/[a-z]+$/,"",n); u=v; sub(/^[0-9.]+/,"
   if(u=="us")m=1; else if(u=="ms")m=1000; else if(u=="s")m=1000000; else m=1; printf "%.0f", n*m }'; }
 run() {
   local round=$1 name=$2 url=$3 t=$4 c=$5; shift 5
-  local peak=0
+  local peak=0 quarter i
+  # RSS under load: sampled at a quarter, half and three quarters of the run.
+  quarter=$((DURATION * 250))
   wrk -t"$t" -c"$c" -d"${DURATION}s" --latency "$url" > "$WORK/wrk.out" 2>&1 &
   local wpid=$!
-  while kill -0 "$wpid" 2>/dev/null; do
-    if [ "$#" -gt 0 ]; then local now_kb; now_kb=$(rss_kb "$@"); [ "$now_kb" -gt "$peak" ] && peak=$now_kb; fi
-    sleep 0.5
+  for i in 1 2 3; do
+    sleep "$((quarter / 1000)).$(printf '%03d' $((quarter % 1000)))"
+    if [ "$#" -gt 0 ]; then rss_sample "$@"; [ "$RSS_KB" -gt "$peak" ] && peak=$RSS_KB; fi
   done
   wait "$wpid"
   local rps p50 p99
