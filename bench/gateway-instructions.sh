@@ -28,31 +28,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-CHOSEN=" "
-free_port() {
-  while :; do
-    p=$(( (RANDOM % 20000) + 20000 ))
-    case "$CHOSEN" in *" $p "*) continue ;; esac
-    if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
-  done
-}
-pick() { local p; p=$(free_port); CHOSEN="$CHOSEN$p "; printf -v "$1" '%s' "$p"; }
-wait_http() { for _ in $(seq 1 200); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.2; done; echo "timeout waiting for $1" >&2; return 1; }
-
+. bench/lib.sh
 pick B1
-cat > "$WORK/backend.conf" <<NGX
-worker_processes 1;
-pid $WORK/backend.pid;
-error_log $WORK/backend-error.log warn;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1;
-           location / { default_type application/json; return 200 '{"id":1,"name":"John Doe","email":"john@example.com","age":30}'; } }
-}
-NGX
-"$NGINX" -c "$WORK/backend.conf" -e "$WORK/backend-error.log"
+start_backends "$B1"
 
 printf '%-40s %12s %14s %8s\n' binary requests instr/request memcpy
 for BIN in "$@"; do
@@ -60,14 +38,13 @@ for BIN in "$@"; do
   RUST_LOG=warn "$BIN" registry --port "$RG" --bind 127.0.0.1 >/dev/null 2>&1 &
   RP=$!; PIDS+=("$RP")
   wait_http "http://127.0.0.1:$RG/health"
-  curl -fsS -o /dev/null -H 'content-type: application/json' \
-    -d "{\"name\":\"bench-backend\",\"port\":$B1,\"host\":\"127.0.0.1\",\"heartbeatInterval\":3600}" \
-    "http://127.0.0.1:$RG/register"
+  register_backends "$RG" "$B1"
   RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
     "$BIN" gateway --port "$GW" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
     --config bench/gateway.toml >/dev/null 2>"$WORK/valgrind.log" &
   GP=$!; PIDS+=("$GP")
-  wait_http "http://127.0.0.1:$GW/bench/users/1"
+  # A gateway under callgrind takes a while to start.
+  wait_http "http://127.0.0.1:$GW/bench/users/1" 600
   wrk -t1 -c8 -d10s "http://127.0.0.1:$GW/bench/users/1" > "$WORK/wrk.out"
   kill -INT "$GP"; wait "$GP" || true
   kill "$RP"; wait "$RP" 2>/dev/null || true

@@ -40,67 +40,14 @@ echo "building breakwater (release)..."
 cargo build --release --quiet -p breakwater
 BW=target/release/breakwater
 
-# Free ports: random ones in 20000-39999 that `ss` shows nobody listening on.
-CHOSEN=" "
-free_port() { # a port nobody listens on and not chosen before in this run
-  while :; do
-    p=$(( (RANDOM % 20000) + 20000 ))
-    case "$CHOSEN" in *" $p "*) continue ;; esac
-    if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
-  done
-}
-pick() { # pick NAME: sets $NAME to a free port no other pick took
-  local p; p=$(free_port); CHOSEN="$CHOSEN$p "; printf -v "$1" '%s' "$p"
-}
+. bench/lib.sh
 for v in B1 B2 B3 NG GW RG; do pick "$v"; done
-
-BODY='{"id":1,"name":"John Doe","email":"john@example.com","age":30}'
-cat > "$WORK/backend.conf" <<NGX
-worker_processes 1;
-pid $WORK/backend.pid;
-error_log $WORK/backend-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1; listen 127.0.0.1:$B2; listen 127.0.0.1:$B3;
-           location / { default_type application/json; return 200 '$BODY'; } }
-}
-NGX
-cat > "$WORK/proxy.conf" <<NGX
-worker_processes 2;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backends {
-    server 127.0.0.1:$B1; server 127.0.0.1:$B2; server 127.0.0.1:$B3;
-    keepalive 128;
-  }
-  server {
-    listen 127.0.0.1:$NG;
-    location / {
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-NGX
-"$NGINX" -c "$WORK/backend.conf" -e "$WORK/backend-error.log"
-"$NGINX" -c "$WORK/proxy.conf" -e "$WORK/proxy-error.log"
-
+start_backends "$B1" "$B2" "$B3"
+start_proxy "$NG" "$B1" "$B2" "$B3"
 RUST_LOG=warn "$BW" registry --port "$RG" --bind 127.0.0.1 2>"$WORK/registry.log" &
 PIDS+=($!)
-wait_http() { for _ in $(seq 1 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "timeout waiting for $1" >&2; return 1; }
 wait_http "http://127.0.0.1:$RG/health"
-for p in $B1 $B2 $B3; do
-  curl -fsS -o /dev/null -H 'content-type: application/json' \
-    -d "{\"name\":\"bench-backend\",\"port\":$p,\"host\":\"127.0.0.1\",\"heartbeatInterval\":3600}" \
-    "http://127.0.0.1:$RG/register"
-done
+register_backends "$RG" "$B1" "$B2" "$B3"
 RUST_LOG=warn "$BW" gateway --port "$GW" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
   --config bench/gateway.toml 2>"$WORK/gateway.log" &
 GW_PID=$!

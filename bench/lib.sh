@@ -1,0 +1,83 @@
+# Shared by the gateway benchmarks (sourced, not run): free ports, waiting for a server,
+# the nginx backends and proxy, the registry with the backends registered.
+# The sourcing script sets WORK (a scratch directory) and NGINX (the nginx binary).
+
+# Free ports: random ones in 20000-39999 that `ss` shows nobody listening on and that no
+# earlier pick of this run took.
+CHOSEN=" "
+free_port() {
+  while :; do
+    p=$(( (RANDOM % 20000) + 20000 ))
+    case "$CHOSEN" in *" $p "*) continue ;; esac
+    if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return; fi
+  done
+}
+pick() { # pick NAME: sets $NAME to a free port
+  local p; p=$(free_port); CHOSEN="$CHOSEN$p "; printf -v "$1" '%s' "$p"
+}
+
+wait_http() { # wait_http URL [TENTHS]: until it answers 2xx (20 s, or TENTHS/10 s, at most)
+  for _ in $(seq 1 "${2:-200}"); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "timeout waiting for $1" >&2; return 1
+}
+
+# start_backends PORT...: one nginx process (one worker) answering the same small JSON
+# body on every given port; its pid file is $WORK/backend.pid.
+start_backends() {
+  local listen="" p
+  for p in "$@"; do listen="$listen listen 127.0.0.1:$p;"; done
+  cat > "$WORK/backend.conf" <<NGX
+worker_processes 1;
+pid $WORK/backend.pid;
+error_log $WORK/backend-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { $listen
+           location / { default_type application/json; return 200 '{"id":1,"name":"John Doe","email":"john@example.com","age":30}'; } }
+}
+NGX
+  "$NGINX" -c "$WORK/backend.conf" -e "$WORK/backend-error.log"
+}
+
+# start_proxy PORT BACKEND_PORT...: nginx as a reverse proxy on PORT to the backends
+# (2 workers, keepalive upstream); its pid file is $WORK/proxy.pid.
+start_proxy() {
+  local port=$1 servers="" p; shift
+  for p in "$@"; do servers="$servers server 127.0.0.1:$p;"; done
+  cat > "$WORK/proxy.conf" <<NGX
+worker_processes 2;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backends {
+   $servers
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGX
+  "$NGINX" -c "$WORK/proxy.conf" -e "$WORK/proxy-error.log"
+}
+
+# register_backends REGISTRY_PORT BACKEND_PORT...: lists each backend in the registry
+# as an instance of `bench-backend` (the service bench/gateway.toml routes to).
+register_backends() {
+  local rg=$1 p; shift
+  for p in "$@"; do
+    curl -fsS -o /dev/null -H 'content-type: application/json' \
+      -d "{\"name\":\"bench-backend\",\"port\":$p,\"host\":\"127.0.0.1\",\"heartbeatInterval\":3600}" \
+      "http://127.0.0.1:$rg/register"
+  done
+}
