@@ -127,75 +127,130 @@ impl Conn {
                     self.io.write_all(bytes).await
                 }
             }
-            Some(Payload::Streamed(_)) => {
-                let Some(Payload::Streamed(body)) = payload.take() else {
-                    return Ok(());
-                };
-                // Boxed: rare, and large enough to enlarge every request's future.
-                Box::pin(self.write_streamed(head, target, body)).await
-            }
+            // `send` gives streamed bodies to `exchange_streamed`.
+            Some(Payload::Streamed(_)) => Err(std::io::Error::other(
+                "a streamed body is sent while its answer is read",
+            )),
         }
     }
 
-    /// Writes the head and a streamed body (chunked unless its length is known).
-    async fn write_streamed(
+    /// Sends the head and a streamed body while reading the response head, so that an
+    /// upstream answering before it has read the whole body (a 413, say) is heard
+    /// instead of leaving the write stuck once the socket buffers fill. A head that
+    /// comes before the body was all written ends the write, and the connection is
+    /// not used again.
+    async fn exchange_streamed(
         &mut self,
         head: TryHead<'_>,
-        target: &str,
-        mut body: Body,
-    ) -> std::io::Result<()> {
-        let exact = hyper::body::Body::size_hint(&body).exact();
-        let framing = RequestFraming::for_body(head.method, exact);
-        h1::encode_request_head(&mut self.out, head.method, target, head.headers, framing);
-        self.io.write_all(&self.out).await?;
-        while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|e| std::io::Error::other(format!("reading the client's body: {e}")))?;
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers are not passed on
-            };
-            if data.is_empty() {
-                continue;
-            }
-            if framing == RequestFraming::Chunked {
-                self.out.clear();
-                h1::encode_chunk(&mut self.out, &data);
-                self.io.write_all(&self.out).await?;
-            } else {
-                self.io.write_all(&data).await?;
+        body: Body,
+    ) -> Result<h1::ResponseHead, TryError> {
+        let Self {
+            io,
+            address,
+            buf,
+            out,
+            spans,
+        } = self;
+        let (mut reading, mut writing) = io.split();
+        let write = write_streamed(&mut writing, out, head, body);
+        let read = read_head_from(&mut reading, buf, spans, address, head.method);
+        let mut write = std::pin::pin!(write);
+        let mut read = std::pin::pin!(read);
+        let mut written: Option<std::io::Result<()>> = None;
+        loop {
+            tokio::select! {
+                done = &mut write, if written.is_none() => written = Some(done),
+                answer = &mut read => {
+                    return match (answer, written) {
+                        (Ok(head), Some(Ok(()))) => Ok(head),
+                        (Ok(mut head), _) => {
+                            head.keep_alive = false;
+                            Ok(head)
+                        }
+                        (Err(_), Some(Err(e))) => Err(TryError::Protocol(format!(
+                            "writing to {address}: {}",
+                            error_chain(&e)
+                        ))),
+                        (Err(e), _) => Err(e),
+                    };
+                }
             }
         }
-        if framing == RequestFraming::Chunked {
-            self.io.write_all(h1::LAST_CHUNK).await?;
-        }
-        Ok(())
     }
 
     /// Reads until a whole response head is in.
     async fn read_head(&mut self, method: &Method) -> Result<h1::ResponseHead, TryError> {
-        loop {
-            if !self.buf.is_empty()
-                && let Some(head) = h1::parse_response_with(&mut self.buf, method, &mut self.spans)
-                    .map_err(|e| TryError::Protocol(format!("from {}: {e}", self.address)))?
-            {
-                return Ok(head);
+        read_head_from(
+            &mut self.io,
+            &mut self.buf,
+            &mut self.spans,
+            &self.address,
+            method,
+        )
+        .await
+    }
+}
+
+/// Writes the head and a streamed body (chunked unless its length is known) to `io`,
+/// with `out` as scratch.
+async fn write_streamed<W: tokio::io::AsyncWrite + Unpin>(
+    io: &mut W,
+    out: &mut BytesMut,
+    head: TryHead<'_>,
+    mut body: Body,
+) -> std::io::Result<()> {
+    let exact = hyper::body::Body::size_hint(&body).exact();
+    let framing = RequestFraming::for_body(head.method, exact);
+    out.clear();
+    h1::encode_request_head(out, head.method, head.target, head.headers, framing);
+    io.write_all(out).await?;
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| std::io::Error::other(format!("reading the client's body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers are not passed on
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if framing == RequestFraming::Chunked {
+            out.clear();
+            h1::encode_chunk(out, &data);
+            io.write_all(out).await?;
+        } else {
+            io.write_all(&data).await?;
+        }
+    }
+    if framing == RequestFraming::Chunked {
+        io.write_all(h1::LAST_CHUNK).await?;
+    }
+    Ok(())
+}
+
+/// Reads from `io` into `buf` until a whole response head is in.
+async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    spans: &mut Vec<(usize, usize, usize, usize)>,
+    address: &Authority,
+    method: &Method,
+) -> Result<h1::ResponseHead, TryError> {
+    loop {
+        if !buf.is_empty()
+            && let Some(head) = h1::parse_response_with(buf, method, spans)
+                .map_err(|e| TryError::Protocol(format!("from {address}: {e}")))?
+        {
+            return Ok(head);
+        }
+        buf.reserve(READ_CHUNK);
+        match io.read_buf(buf).await {
+            Ok(0) => {
+                return Err(TryError::Protocol(format!(
+                    "{address} closed the connection before a response head"
+                )));
             }
-            self.buf.reserve(READ_CHUNK);
-            match self.io.read_buf(&mut self.buf).await {
-                Ok(0) => {
-                    return Err(TryError::Protocol(format!(
-                        "{} closed the connection before a response head",
-                        self.address
-                    )));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(TryError::Protocol(format!(
-                        "reading from {}: {e}",
-                        self.address
-                    )));
-                }
-            }
+            Ok(_) => {}
+            Err(e) => return Err(TryError::Protocol(format!("reading from {address}: {e}"))),
         }
     }
 }
@@ -316,18 +371,26 @@ pub async fn send(
                 // enlarge every request's future.
                 None => (Box::pin(connect(address)).await?, false),
             };
-        if let Err(e) = conn.write_request(head, &mut payload).await {
-            // A pooled connection the upstream had closed: a kept body goes again on
-            // a new one (`reused` is false then, so this happens at most once).
-            if reused && matches!(payload, Some(Payload::Kept(_))) {
-                continue;
+        let response = if let Some(Payload::Streamed(_)) = payload {
+            let Some(Payload::Streamed(body)) = payload.take() else {
+                return Err(TryError::BodyGone);
+            };
+            // Boxed: rare, and large enough to enlarge every request's future.
+            Box::pin(conn.exchange_streamed(head, body)).await?
+        } else {
+            if let Err(e) = conn.write_request(head, &mut payload).await {
+                // A pooled connection the upstream had closed: a kept body goes again
+                // on a new one (`reused` is false then, so this happens at most once).
+                if reused && matches!(payload, Some(Payload::Kept(_))) {
+                    continue;
+                }
+                return Err(TryError::Protocol(format!(
+                    "writing to {address}: {}",
+                    error_chain(&e)
+                )));
             }
-            return Err(TryError::Protocol(format!(
-                "writing to {address}: {}",
-                error_chain(&e)
-            )));
-        }
-        let response = conn.read_head(head.method).await?;
+            conn.read_head(head.method).await?
+        };
         let body = UpstreamIncoming::new(conn, response.framing, response.keep_alive);
         return Ok(hyper::Response::from_parts(response.parts, body));
     }
@@ -730,6 +793,46 @@ mod tests {
         );
         // A bodiless answer returns its connection at once.
         assert_eq!(pooled(&address), 1);
+    }
+
+    /// An upstream that refuses a large upload at its head, without reading the rest,
+    /// is heard at once: the write does not wait for buffers that will never drain.
+    #[tokio::test]
+    async fn an_early_answer_to_a_large_upload_is_heard() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut buf = vec![0_u8; 4096];
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                seen.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            // Holds the connection open without reading, until the test ends.
+            let _ = done_rx.await;
+        });
+        let piece = Bytes::from(vec![b'u'; 64 << 10]);
+        let upload = futures_stream(vec![piece; 512]); // 32 MiB
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            request(&address, Method::POST, Payload::Streamed(upload)),
+        )
+        .await
+        .expect("the early answer must not wait for the whole upload")
+        .unwrap();
+        assert_eq!(answer.status(), 413);
+        assert!(body(answer).await.is_empty());
+        assert_eq!(
+            pooled(&address),
+            0,
+            "a half-sent request's connection is not reused"
+        );
+        let _ = done_tx.send(());
     }
 
     /// A body of `pieces` whose length is not known in advance.
