@@ -16,21 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 A="$1"; B="$2"; PAIRS="${3:-5}"; SECS="${4:-6}"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
-  [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
-  sleep 0.5
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. bench/lib.sh
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 command -v wrk >/dev/null || { echo "wrk is missing: run bench/gateway-vs-nginx.sh once (it installs it)" >&2; exit 1; }
 
-. bench/lib.sh
 for v in B1 B2 B3 NG RG GA GB; do pick "$v"; done
 start_backends "$B1" "$B2" "$B3"
 start_proxy "$NG" "$B1" "$B2" "$B3"

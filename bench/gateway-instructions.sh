@@ -17,18 +17,8 @@ cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk is missing: run bench/gateway-vs-nginx.sh once (it installs it)" >&2; exit 1; }
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
-  sleep 0.3
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 . bench/lib.sh
+
 pick B1
 start_backends "$B1"
 

@@ -17,17 +17,7 @@ cd "$(dirname "$0")/.."
 DURATION="${1:-15}"
 ROUNDS="${2:-3}"
 OUT=bench/RESULTS.md
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
-  [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
-  sleep 0.5
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. bench/lib.sh
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
@@ -40,7 +30,6 @@ echo "building breakwater (release)..."
 cargo build --release --quiet -p breakwater
 BW=target/release/breakwater
 
-. bench/lib.sh
 for v in B1 B2 B3 NG GW RG; do pick "$v"; done
 start_backends "$B1" "$B2" "$B3"
 start_proxy "$NG" "$B1" "$B2" "$B3"

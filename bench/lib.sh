@@ -1,6 +1,21 @@
-# Shared by the gateway benchmarks (sourced, not run): free ports, waiting for a server,
-# the nginx backends and proxy, the registry with the backends registered.
-# The sourcing script sets WORK (a scratch directory) and NGINX (the nginx binary).
+# Shared by the gateway benchmarks (sourced, not run, from the repository root): a
+# scratch directory and clean-up, free ports, waiting for a server, the nginx backends
+# and proxy, the registry with the backends registered. The sourcing script sets NGINX
+# (the nginx binary) before starting nginx, and adds the processes it starts to PIDS.
+
+WORK="$(mktemp -d)"
+PIDS=()
+# Stops what the script started (its processes, the nginx backends and proxy) and
+# removes the scratch directory, however the script ends.
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/backend.pid" ] && kill "$(cat "$WORK/backend.pid")" 2>/dev/null || true
+  [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
+  sleep 0.5
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # Free ports: random ones in 20000-39999 that `ss` shows nobody listening on and that no
 # earlier pick of this run took.
