@@ -143,6 +143,7 @@ async fn a_route_changes_under_load_with_no_failed_request() {
         .unwrap();
     assert_eq!(gone.status(), 404);
 
+    let at_reload = ok.load(Ordering::SeqCst);
     std::fs::write(&path, AFTER).unwrap();
     let reloaded = client
         .post(format!("{}/admin/reload", gateway.base))
@@ -200,7 +201,11 @@ async fn a_route_changes_under_load_with_no_failed_request() {
         t.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::SeqCst), 0, "no request failed");
-    assert!(ok.load(Ordering::SeqCst) >= 120);
+    // The load ran before the reloads (20 requests from one task before they began)
+    // and after them (40 more); how many landed in between depends on scheduling, so
+    // only the floor the structure guarantees is asserted.
+    assert!(at_reload >= 20, "{at_reload} requests before the reload");
+    assert!(ok.load(Ordering::SeqCst) >= at_reload + 40);
     gateway.stop().await;
 }
 
