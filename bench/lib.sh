@@ -31,6 +31,19 @@ pick() { # pick NAME: sets $NAME to a free port
   local p; p=$(free_port); CHOSEN="$CHOSEN$p "; printf -v "$1" '%s' "$p"
 }
 
+# detached CMD...: starts CMD in the background in a session of its own and sets
+# DETACHED_PID. nginx does the same to itself when it daemonizes, and with the kernel's
+# autogroup scheduling (kernel.sched_autogroup_enabled=1, the default) a session is a
+# scheduling group: a proxy left in the script's session would share one group's CPU
+# with wrk while nginx has a group to itself. Every server the timed scripts start goes
+# through here so that all of them are scheduled alike (instruction counts do not
+# depend on it). A background job of a non-interactive shell is not a process-group
+# leader, so setsid does not fork and the pid is the server's own.
+detached() {
+  setsid "$@" &
+  DETACHED_PID=$!
+}
+
 wait_http() { # wait_http URL [TENTHS]: until it answers 2xx (20 s, or TENTHS/10 s, at most)
   for _ in $(seq 1 "${2:-200}"); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "timeout waiting for $1" >&2; return 1
