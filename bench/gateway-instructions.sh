@@ -37,6 +37,7 @@ for BIN in "$@"; do
   wait_http "http://127.0.0.1:$GW/bench/users/1" 600
   wrk -t1 -c8 -d10s "http://127.0.0.1:$GW/bench/users/1" > "$WORK/wrk.out"
   kill -INT "$GP"; wait "$GP" || true
+  [ -n "${CG_KEEP:-}" ] && cp "$WORK/cg.out" "$CG_KEEP.$(basename "$BIN")"
   kill "$RP"; wait "$RP" 2>/dev/null || true
   n=$(awk '/requests in/{print $1}' "$WORK/wrk.out")
   total=$(callgrind_annotate "$WORK/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')

@@ -339,18 +339,15 @@ pub async fn send_once(
     }
 }
 
-/// The upstream's response as the client gets it: hop-by-hop headers gone, body streamed.
+/// The upstream's response as the client gets it, body streamed. Its hop-by-hop
+/// headers never made it into the map: the codec (`forward::h1`) leaves them out.
 pub fn client_response(res: hyper::Response<UpstreamIncoming>) -> Response {
-    let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, Body::new(body))
+    res.map(Body::new)
 }
 
 /// [`client_response`] without boxing the body, for the proxied path.
 pub fn proxied_response(res: hyper::Response<UpstreamIncoming>) -> hyper::Response<ClientBody> {
-    let (mut parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    hyper::Response::from_parts(parts, ClientBody::Upstream(body))
+    res.map(ClientBody::Upstream)
 }
 
 /// A response body on its way to the client: an upstream's stream as hyper gave it, or

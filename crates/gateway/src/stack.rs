@@ -268,7 +268,6 @@ async fn read_whole(
     service: &str,
 ) -> Result<CachedResponse, GatewayError> {
     let (mut parts, body) = res?.into_parts();
-    forward::strip_hop_by_hop(&mut parts.headers);
     let body = Limited::new(body, MAX_CACHEABLE_READ)
         .collect()
         .await

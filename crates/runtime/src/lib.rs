@@ -6,6 +6,7 @@
 //!   `serve_per_core` does it with one single-threaded runtime per core, and
 //!   `serve_per_core_with` the same for any hyper service made per connection.
 //! - [`clock`]: wall-clock timestamps in the formats the contracts use.
+//! - [`hash`]: a quick hasher for small hot-path maps keyed by configuration.
 //! - [`http`]: JSON errors, a JSON extractor whose rejections are JSON, and the 404/405
 //!   fallbacks every component shares.
 //! - [`observe`]: per-request request ids, W3C trace context, Prometheus HTTP metrics
@@ -15,6 +16,7 @@
 //!   `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 
 pub mod clock;
+pub mod hash;
 pub mod http;
 pub mod observe;
 pub mod otlp;

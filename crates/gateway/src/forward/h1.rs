@@ -17,7 +17,7 @@
 //!   closes the connection afterwards.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 
 /// Largest response head accepted.
@@ -45,7 +45,8 @@ pub enum Framing {
 /// A parsed response head.
 #[derive(Debug)]
 pub struct ResponseHead {
-    /// Status, version and headers (as sent; hop-by-hop ones are the caller's to strip).
+    /// Status, version and headers as sent, less the hop-by-hop ones (the fixed list
+    /// and any the response's `Connection` names), which the client must not get.
     pub parts: http::response::Parts,
     /// How the body that follows is delimited.
     pub framing: Framing,
@@ -124,18 +125,54 @@ pub fn parse_response_with(
             )
         }));
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // One pass over the fields: the hop-by-hop ones are read (framing, keep-alive)
+        // and left out of the map, so the client never gets them and nobody has to look
+        // for them again; the rest go in, common names without `HeaderName`'s parser.
+        // One spare slot: the gateway adds `x-request-id`.
+        let mut headers = HeaderMap::with_capacity(count + 1);
+        let mut wire = WireFields::default();
         for &(name_at, name_len, value_at, value_len) in spans.iter() {
-            let name = head
-                .get(name_at..name_at + name_len)
-                .and_then(|n| HeaderName::from_bytes(n).ok())
+            let (Some(name), Some(value)) = (
+                head.get(name_at..name_at + name_len),
+                head.get(value_at..value_at + value_len),
+            ) else {
+                return Err("invalid header field in response".to_owned());
+            };
+            // Lower-cased once (every name the gateway looks for is short), then
+            // compared exactly.
+            let mut folded = [0_u8; 24];
+            let lower = match folded.get_mut(..name.len()) {
+                Some(lower) => {
+                    lower.copy_from_slice(name);
+                    lower.make_ascii_lowercase();
+                    &*lower
+                }
+                None => &[],
+            };
+            if wire.take_hop_by_hop(lower, value) {
+                continue;
+            }
+            if lower == b"content-length" {
+                wire.content_length(value);
+            }
+            let name = known_name(lower)
+                .or_else(|| HeaderName::from_bytes(name).ok())
                 .ok_or_else(|| "invalid header name in response".to_owned())?;
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
                 .map_err(|_| format!("invalid value of response header {name}"))?;
             headers.append(name, value);
         }
-        let (framing, framing_closes) = response_framing(request_method, status, &headers)?;
-        let keep_alive = !framing_closes && keeps_alive(version, &headers);
+        // Fields the response's `Connection` names are hop-by-hop too (RFC 9110 7.6.1).
+        for named in &wire.connection_named {
+            headers.remove(named);
+        }
+        let (framing, framing_closes) = wire.framing(request_method, status)?;
+        if wire.transfer_encoding {
+            // The coding frames the body; a length beside it must not reach the client
+            // (RFC 9112 6.3).
+            headers.remove(CONTENT_LENGTH);
+        }
+        let keep_alive = !framing_closes && wire.keeps_alive(version);
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = status;
         parts.version = version;
@@ -148,76 +185,138 @@ pub fn parse_response_with(
     }
 }
 
-/// RFC 9112 6.3. The flag: the connection must close after this body.
-fn response_framing(
-    method: &Method,
-    status: StatusCode,
-    headers: &HeaderMap,
-) -> Result<(Framing, bool), String> {
-    if method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((Framing::Empty, false));
-    }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|c| !c.is_empty());
-        let chunked = last.is_some_and(|c| c.eq_ignore_ascii_case("chunked"));
-        // A length beside a transfer coding is a smuggling sign: the coding wins and the
-        // connection is not used again.
-        let both = headers.contains_key(CONTENT_LENGTH);
-        return Ok(if chunked {
-            (Framing::Chunked, both)
-        } else {
-            (Framing::UntilClose, true)
-        });
-    }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let text = value
-            .to_str()
-            .map_err(|_| "invalid content-length in response".to_owned())?;
-        for part in text.split(',') {
-            let part = part.trim();
-            let n = (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| part.parse::<u64>().ok())
-                .flatten()
-                .ok_or_else(|| format!("invalid content-length in response: {text:?}"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting content-length values in response".to_owned());
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => (Framing::Empty, false),
-        Some(n) => (Framing::Length(n), false),
-        None => (Framing::UntilClose, true),
-    })
+/// What a response head's hop-by-hop and length fields said, gathered in the one pass
+/// over its fields.
+#[derive(Debug, Default)]
+struct WireFields {
+    /// `Transfer-Encoding` was present.
+    transfer_encoding: bool,
+    /// Its last non-empty coding (across all its fields) is `chunked`.
+    chunked: bool,
+    /// `Content-Length`'s value (all its values agree), or the error they make.
+    length: Option<Result<u64, String>>,
+    /// `Connection` says `close`.
+    close: bool,
+    /// `Connection` says `keep-alive`.
+    keep_alive: bool,
+    /// Other fields `Connection` names, to be dropped too.
+    connection_named: Vec<HeaderName>,
 }
 
-/// Whether `Connection` (and the version) allow another request on the connection.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if version == Version::HTTP_10 {
-        has("keep-alive") && !has("close")
-    } else {
-        !has("close")
+impl WireFields {
+    /// Takes in a field if it is hop-by-hop (true: it stays out of the map). `name` is
+    /// lower-cased.
+    fn take_hop_by_hop(&mut self, name: &[u8], value: &[u8]) -> bool {
+        let is = |n: &str| name == n.as_bytes();
+        match name.len() {
+            10 if is("connection") => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if let Ok(named) = HeaderName::from_bytes(token) {
+                        self.connection_named.push(named);
+                    }
+                }
+                true
+            }
+            17 if is("transfer-encoding") => {
+                self.transfer_encoding = true;
+                if let Some(last) = value
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .rfind(|c| !c.is_empty())
+                {
+                    self.chunked = last.eq_ignore_ascii_case(b"chunked");
+                }
+                true
+            }
+            10 => is("keep-alive"),
+            16 => is("proxy-connection"),
+            18 => is("proxy-authenticate"),
+            19 => is("proxy-authorization"),
+            2 => is("te"),
+            7 => is("trailer") || is("upgrade"),
+            _ => false,
+        }
     }
+
+    /// Takes in a `Content-Length` value: digits, or a list of equal ones. A bad one
+    /// is an error only where the length frames the body (see [`Self::framing`]).
+    fn content_length(&mut self, value: &[u8]) {
+        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
+                .then(|| part.iter().fold(0_u64, |n, d| n * 10 + u64::from(d - b'0')));
+            self.length = match (self.length.take(), n) {
+                (Some(Err(e)), _) => Some(Err(e)),
+                (_, None) => Some(Err(format!(
+                    "invalid content-length in response: {:?}",
+                    String::from_utf8_lossy(value)
+                ))),
+                (Some(Ok(l)), Some(n)) if l != n => Some(Err(
+                    "conflicting content-length values in response".to_owned(),
+                )),
+                (_, Some(n)) => Some(Ok(n)),
+            };
+        }
+    }
+
+    /// RFC 9112 6.3. The flag: the connection must close after this body.
+    fn framing(&self, method: &Method, status: StatusCode) -> Result<(Framing, bool), String> {
+        if method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok((Framing::Empty, false));
+        }
+        if self.transfer_encoding {
+            // A length beside a transfer coding is a smuggling sign: the coding wins and
+            // the connection is not used again.
+            let both = self.length.is_some();
+            return Ok(if self.chunked {
+                (Framing::Chunked, both)
+            } else {
+                (Framing::UntilClose, true)
+            });
+        }
+        match &self.length {
+            Some(Err(e)) => Err(e.clone()),
+            Some(Ok(0)) => Ok((Framing::Empty, false)),
+            Some(Ok(n)) => Ok((Framing::Length(*n), false)),
+            None => Ok((Framing::UntilClose, true)),
+        }
+    }
+
+    /// Whether `Connection` (and the version) allow another request on the connection.
+    fn keeps_alive(&self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.keep_alive && !self.close
+        } else {
+            !self.close
+        }
+    }
+}
+
+/// The header names upstream responses carry most, matched (`name` lower-cased)
+/// without `HeaderName`'s general parser.
+fn known_name(name: &[u8]) -> Option<HeaderName> {
+    use http::header;
+    let is = |n: &HeaderName| name == n.as_str().as_bytes();
+    let candidates: &[HeaderName] = match name.len() {
+        4 => &[header::DATE, header::ETAG, header::VARY],
+        6 => &[header::SERVER],
+        7 => &[header::EXPIRES],
+        8 => &[header::LOCATION],
+        10 => &[header::SET_COOKIE],
+        12 => &[header::CONTENT_TYPE],
+        13 => &[header::CACHE_CONTROL, header::LAST_MODIFIED],
+        14 => &[header::CONTENT_LENGTH],
+        16 => &[header::CONTENT_ENCODING],
+        _ => &[],
+    };
+    candidates.iter().find(|n| is(n)).cloned()
 }
 
 /// How a request's body is delimited on the wire.
@@ -520,6 +619,48 @@ mod tests {
         assert!(h.keep_alive);
         let h = head("HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\ncontent-length: 3\r\n\r\n");
         assert_eq!(h.framing, Framing::Length(3));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_out_of_the_head_and_names_keep_their_case_folding() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: today\r\nContent-Type: text/plain\r\n\
+             Connection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\n\
+             TE: trailers\r\nTrailer: x\r\nUpgrade: h2c\r\nProxy-Connection: close\r\n\
+             Proxy-Authenticate: Basic\r\nX-Kept: yes\r\nCONTENT-LENGTH: 2\r\n\r\n",
+        );
+        let mut names: Vec<&str> = h.parts.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["content-length", "content-type", "date", "server", "x-kept"]
+        );
+        assert_eq!(h.parts.headers["content-type"], "text/plain");
+        assert_eq!(h.framing, Framing::Length(2));
+        assert!(h.keep_alive);
+
+        // With a transfer coding the length is dropped (RFC 9112 6.3), and the coding
+        // itself is the gateway's business, not the client's.
+        let h = head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n");
+        assert!(h.parts.headers.is_empty(), "{:?}", h.parts.headers);
+    }
+
+    #[test]
+    fn a_bad_length_is_an_error_only_where_it_frames_the_body() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n"[..]);
+        let err = parse_response(&mut buf, &Method::GET).unwrap_err();
+        assert!(err.contains("invalid content-length"), "{err}");
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
+        );
+        let err = parse_response(&mut buf, &Method::GET).unwrap_err();
+        assert!(err.contains("conflicting"), "{err}");
+        let h = head("HTTP/1.1 204 No Content\r\ncontent-length: nope\r\n\r\n");
+        assert_eq!(h.framing, Framing::Empty);
+        let h =
+            head("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: nope\r\n\r\n");
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.keep_alive);
     }
 
     #[test]

@@ -10,10 +10,11 @@
 //! fails, the entry falls back to the fresh/stale/expired rules above (retrying the
 //! watch with a backoff); a registry without the endpoint (404/405) is not watched.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
+use breakwater_runtime::hash::{QuickBuild, QuickMap};
 use reqwest::StatusCode;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -92,11 +93,13 @@ const WATCH_RETRY_MAX: Duration = Duration::from_secs(30);
 struct Shared {
     client: RegistryClient,
     policy: CachePolicy,
-    cache: Mutex<HashMap<String, Entry>>,
+    /// Looked up on every proxied request, hence the quick hasher (names come from
+    /// the gateway's routes, not from clients).
+    cache: Mutex<QuickMap<String, Entry>>,
     /// Whether resolved names are watched.
     watch: bool,
     /// Names with a running watch.
-    watched: Mutex<HashSet<String>>,
+    watched: Mutex<HashSet<String, QuickBuild>>,
     /// Stops the watches when the last clone of the [`Discovery`] goes.
     stop: CancellationToken,
 }
@@ -108,7 +111,7 @@ impl Drop for Shared {
 }
 
 impl Shared {
-    fn cache(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn cache(&self) -> MutexGuard<'_, QuickMap<String, Entry>> {
         // Every critical section leaves the map consistent, so a poisoned lock (a
         // panic elsewhere while holding it) still guards valid data.
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
@@ -200,9 +203,9 @@ impl Discovery {
             shared: Arc::new(Shared {
                 client,
                 policy,
-                cache: Mutex::new(HashMap::new()),
+                cache: Mutex::new(QuickMap::default()),
                 watch,
-                watched: Mutex::new(HashSet::new()),
+                watched: Mutex::new(HashSet::default()),
                 stop: CancellationToken::new(),
             }),
         }
