@@ -93,10 +93,46 @@ pub struct Outbound {
     pub method: Method,
     /// The path and query the upstream gets (after the route's rewrite).
     pub path_and_query: PathAndQuery,
-    /// End-to-end headers only, plus `Host`, which each try sets for its endpoint.
+    /// The client's end-to-end headers (its `Host` stays here but is not sent: each
+    /// try sends its endpoint's).
     pub headers: HeaderMap,
+    /// The fields the gateway sets, sent after `headers`.
+    pub added: Added,
     /// The body.
     pub body: OutboundBody,
+}
+
+/// Fields the gateway sets on an outbound request, sent after the client's headers.
+/// They are kept out of the client's `HeaderMap` (from which any client value of the
+/// same name is removed): inserting them there costs a hash, and often a grow of the
+/// map, per field per request.
+#[derive(Debug, Clone, Default)]
+pub struct Added {
+    /// `X-Forwarded-For`: the client's chain, if any, then the peer.
+    pub forwarded_for: Option<HeaderValue>,
+    /// `X-Forwarded-Proto`.
+    pub forwarded_proto: Option<HeaderValue>,
+    /// `X-Forwarded-Host`: the client's `Host`.
+    pub forwarded_host: Option<HeaderValue>,
+    /// `X-Request-Id`, when the client's headers do not carry it.
+    pub request_id: Option<HeaderValue>,
+    /// `traceparent`: the gateway's span.
+    pub traceparent: Option<HeaderValue>,
+}
+
+impl Added {
+    /// Each field that is set, as name and value.
+    pub fn fields(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
+        [
+            ("x-forwarded-for", &self.forwarded_for),
+            ("x-forwarded-proto", &self.forwarded_proto),
+            ("x-forwarded-host", &self.forwarded_host),
+            ("x-request-id", &self.request_id),
+            ("traceparent", &self.traceparent),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| (name, v)))
+    }
 }
 
 impl Outbound {
@@ -108,8 +144,6 @@ impl Outbound {
         traceparent: HeaderValue,
     ) -> Self {
         let mut headers = HeaderMap::new();
-        headers.insert(REQUEST_ID, request_id);
-        headers.insert(TRACEPARENT, traceparent);
         headers.insert(
             axum::http::header::ACCEPT,
             HeaderValue::from_static("application/json"),
@@ -118,6 +152,11 @@ impl Outbound {
             method: Method::GET,
             path_and_query,
             headers,
+            added: Added {
+                request_id: Some(request_id),
+                traceparent: Some(traceparent),
+                ..Added::default()
+            },
             body: OutboundBody::Kept(Bytes::new()),
         }
     }
@@ -137,35 +176,51 @@ impl Outbound {
         B::Error: Into<BoxError>,
     {
         let body = read_body(&parts.headers, body).await?;
-        let request_id = parts.headers.get(REQUEST_ID).cloned();
         let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
-        // hyper frames the body itself (length for kept bodies, the client's length or
-        // chunks for streamed ones); a stale length must not travel on.
-        headers.remove(CONTENT_LENGTH);
-        let original_host = headers.remove(HOST).or_else(|| {
+        // One pass over the client's names finds which of those the gateway strips or
+        // replaces are present (usually none but `Host`), so only those are looked up.
+        let seen = Seen::of(&headers);
+        let request_id = if seen.has(Seen::REQUEST_ID) {
+            headers.get(REQUEST_ID).cloned()
+        } else {
+            None
+        };
+        if seen.has(Seen::HOP_BY_HOP) {
+            strip_hop_by_hop(&mut headers);
+        }
+        // The codec frames the body itself (length for kept bodies, the client's length
+        // or chunks for streamed ones); a stale length must not travel on.
+        if seen.has(Seen::CONTENT_LENGTH) {
+            headers.remove(CONTENT_LENGTH);
+        }
+        if seen.has(Seen::REPLACED) {
+            headers.remove(X_FORWARDED_PROTO);
+            headers.remove(X_FORWARDED_HOST);
+            headers.remove(TRACEPARENT);
+        }
+        let forwarded_host = headers.get(HOST).cloned().or_else(|| {
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        if let Some(peer) = peer {
-            append_forwarded_for(&mut headers, peer);
-        }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        if let Some(host) = original_host {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
+        let forwarded_for = match peer {
+            Some(peer) => forwarded_for(&mut headers, seen.has(Seen::FORWARDED_FOR), peer),
+            None => None,
+        };
         // Even if the client named it in `Connection`, the id must reach the upstream.
-        if let Some(id) = request_id
-            && !headers.contains_key(REQUEST_ID)
-        {
-            headers.insert(REQUEST_ID, id);
-        }
+        let request_id = request_id.filter(|_| !headers.contains_key(REQUEST_ID));
         Ok(Self {
             method: parts.method,
             path_and_query,
             headers,
+            added: Added {
+                forwarded_for,
+                forwarded_proto: Some(HeaderValue::from_static("http")),
+                forwarded_host,
+                request_id,
+                traceparent: None,
+            },
             body,
         })
     }
@@ -327,11 +382,12 @@ pub async fn send_once(
     let Some(payload) = outbound.payload() else {
         return Err(TryError::BodyGone);
     };
-    outbound.headers.insert(HOST, endpoint.host_header.clone());
     let head = TryHead {
         method: &outbound.method,
         target: outbound.path_and_query.as_str(),
+        host: Some(&endpoint.host_header),
         headers: &outbound.headers,
+        added: &outbound.added,
     };
     match tokio::time::timeout(timeout, pool::send(&endpoint.authority, head, payload)).await {
         Err(_elapsed) => Err(TryError::Timeout),
@@ -440,34 +496,72 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+/// Which of the names the gateway strips or replaces a client's request carries.
+#[derive(Debug, Clone, Copy)]
+struct Seen(u8);
+
+impl Seen {
+    const HOP_BY_HOP: u8 = 1;
+    const CONTENT_LENGTH: u8 = 1 << 1;
+    const FORWARDED_FOR: u8 = 1 << 2;
+    /// `X-Forwarded-Proto`, `X-Forwarded-Host` or `traceparent`: the gateway's own
+    /// value replaces the client's.
+    const REPLACED: u8 = 1 << 3;
+    const REQUEST_ID: u8 = 1 << 4;
+
+    fn of(headers: &HeaderMap) -> Self {
+        let mut seen = 0;
+        for name in headers.keys() {
+            seen |= if name == HOST {
+                0
+            } else if name == CONTENT_LENGTH {
+                Self::CONTENT_LENGTH
+            } else if name == X_FORWARDED_FOR {
+                Self::FORWARDED_FOR
+            } else if name == REQUEST_ID {
+                Self::REQUEST_ID
+            } else if name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST || name == TRACEPARENT {
+                Self::REPLACED
+            } else if HOP_BY_HOP.contains(name) {
+                Self::HOP_BY_HOP
+            } else {
+                0
+            };
+        }
+        Self(seen)
+    }
+
+    fn has(self, flag: u8) -> bool {
+        self.0 & flag != 0
+    }
+}
+
+/// `X-Forwarded-For` for a request from `peer`: the client's chain (taken out of
+/// `headers`; `prior`: the client sent one) with the peer's address appended.
+fn forwarded_for(headers: &mut HeaderMap, prior: bool, peer: SocketAddr) -> Option<HeaderValue> {
     let mut ip = [0_u8; 39];
     let ip = write_ip(&mut ip, peer.ip().to_canonical());
-    let mut prior = headers
+    if !prior {
+        return carved_value(ip);
+    }
+    let mut chain = Vec::with_capacity(64);
+    for part in headers
         .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .peekable();
-    let value = if prior.peek().is_none() {
-        carved_value(ip)
-    } else {
-        let mut chain = Vec::with_capacity(64);
-        for part in prior {
-            chain.extend_from_slice(part.as_bytes());
-            chain.extend_from_slice(b", ");
-        }
-        chain.extend_from_slice(ip);
-        // Both parts are valid header text, so this only fails on exotic bytes; then
-        // the peer alone is still the truth.
-        HeaderValue::from_maybe_shared(Bytes::from(chain))
-            .ok()
-            .or_else(|| carved_value(ip))
-    };
-    if let Some(value) = value {
-        headers.insert(X_FORWARDED_FOR, value);
+    {
+        chain.extend_from_slice(part.as_bytes());
+        chain.extend_from_slice(b", ");
     }
+    headers.remove(X_FORWARDED_FOR);
+    chain.extend_from_slice(ip);
+    // Both parts are valid header text, so this only fails on exotic bytes; then the
+    // peer alone is still the truth.
+    HeaderValue::from_maybe_shared(Bytes::from(chain))
+        .ok()
+        .or_else(|| carved_value(ip))
 }
 
 /// Writes `ip` as text into `out` (39 bytes fit any address) and returns that text;
@@ -700,21 +794,47 @@ mod tests {
     #[test]
     fn forwarded_for_appends_the_peer() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.9:5555".parse().unwrap());
-        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.9");
+        let value = forwarded_for(&mut h, false, "10.0.0.9:5555".parse().unwrap());
+        assert_eq!(value.unwrap(), "10.0.0.9");
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
-        append_forwarded_for(&mut h, "[::ffff:10.0.0.9]:5555".parse().unwrap());
-        assert_eq!(h[X_FORWARDED_FOR], "1.2.3.4, 10.0.0.9");
-        h.append(X_FORWARDED_FOR, HeaderValue::from_static(" 5.6.7.8 "));
-        append_forwarded_for(&mut h, "[2001:db8::1]:5555".parse().unwrap());
-        assert_eq!(
-            h[X_FORWARDED_FOR],
-            "1.2.3.4, 10.0.0.9, 5.6.7.8, 2001:db8::1"
+        let value = forwarded_for(&mut h, true, "[::ffff:10.0.0.9]:5555".parse().unwrap());
+        assert_eq!(value.unwrap(), "1.2.3.4, 10.0.0.9");
+        assert!(
+            !h.contains_key(X_FORWARDED_FOR),
+            "the chain moved out of the map"
         );
-        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("1.2.3.4, 10.0.0.9"),
+        );
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static(" 5.6.7.8 "));
+        let value = forwarded_for(&mut h, true, "[2001:db8::1]:5555".parse().unwrap());
+        assert_eq!(value.unwrap(), "1.2.3.4, 10.0.0.9, 5.6.7.8, 2001:db8::1");
+        let value = forwarded_for(&mut h, false, "255.0.100.7:1".parse().unwrap());
+        assert_eq!(value.unwrap(), "255.0.100.7");
+    }
+
+    #[test]
+    fn seen_finds_the_names_the_gateway_strips_or_replaces() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "255.0.100.7:1".parse().unwrap());
-        assert_eq!(h[X_FORWARDED_FOR], "255.0.100.7");
+        h.insert(HOST, HeaderValue::from_static("a"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let seen = Seen::of(&h);
+        assert_eq!(seen.0, 0, "nothing to do for a plain request");
+        for (name, flag) in [
+            ("connection", Seen::HOP_BY_HOP),
+            ("upgrade", Seen::HOP_BY_HOP),
+            ("content-length", Seen::CONTENT_LENGTH),
+            ("x-forwarded-for", Seen::FORWARDED_FOR),
+            ("x-forwarded-proto", Seen::REPLACED),
+            ("x-forwarded-host", Seen::REPLACED),
+            ("traceparent", Seen::REPLACED),
+            ("x-request-id", Seen::REQUEST_ID),
+        ] {
+            let mut h = h.clone();
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+            assert_eq!(Seen::of(&h).0, flag, "{name}");
+        }
     }
 
     #[test]

@@ -183,9 +183,7 @@ where
             Ok(outbound) => outbound,
             Err(e) => break 'serve own(e.into_response()),
         };
-        outbound
-            .headers
-            .insert(TRACEPARENT, forward::traceparent_value(&span.context));
+        outbound.added.traceparent = Some(forward::traceparent_value(&span.context));
 
         let mut res = match cache_ttl {
             Some(ttl) => own(Box::pin(cached(state, route, outbound, ttl, &mut trace)).await),

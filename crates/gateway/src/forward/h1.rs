@@ -17,8 +17,10 @@
 //!   closes the connection afterwards.
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+use super::TryHead;
 
 /// Largest response head accepted.
 pub const MAX_HEAD: usize = 64 << 10;
@@ -350,24 +352,31 @@ fn expects_body(method: &Method) -> bool {
     )
 }
 
-/// Appends the request head `method target HTTP/1.1`, `headers` (which must hold no
-/// framing header of their own) and the framing header to `dst`.
-pub fn encode_request_head(
-    dst: &mut BytesMut,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    framing: RequestFraming,
-) {
-    dst.extend_from_slice(method.as_str().as_bytes());
+/// Appends the request head to `dst`: `method target HTTP/1.1`, the try's `Host` (in
+/// place of the client's), the client's headers (which must hold no framing header of
+/// their own), the gateway's added fields and the framing header.
+pub fn encode_request_head(dst: &mut BytesMut, head: &TryHead<'_>, framing: RequestFraming) {
+    dst.extend_from_slice(head.method.as_str().as_bytes());
     dst.extend_from_slice(b" ");
-    dst.extend_from_slice(target.as_bytes());
+    dst.extend_from_slice(head.target.as_bytes());
     dst.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in headers {
-        dst.extend_from_slice(name.as_str().as_bytes());
+    let mut field = |name: &[u8], value: &HeaderValue| {
+        dst.extend_from_slice(name);
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value.as_bytes());
         dst.extend_from_slice(b"\r\n");
+    };
+    if let Some(host) = head.host {
+        field(b"host", host);
+    }
+    for (name, value) in head.headers {
+        if head.host.is_some() && name == HOST {
+            continue;
+        }
+        field(name.as_str().as_bytes(), value);
+    }
+    for (name, value) in head.added.fields() {
+        field(name.as_bytes(), value);
     }
     match framing {
         RequestFraming::None => {}
@@ -712,36 +721,54 @@ mod tests {
     #[test]
     fn request_heads_carry_the_framing_they_are_given() {
         let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("a:1"));
+        headers.insert("host", HeaderValue::from_static("client.example"));
         headers.append("x-b", HeaderValue::from_static("1"));
         headers.append("x-b", HeaderValue::from_static("2"));
+        let host = HeaderValue::from_static("a:1");
+        let added = super::super::Added {
+            forwarded_for: Some(HeaderValue::from_static("10.0.0.1")),
+            request_id: Some(HeaderValue::from_static("r1")),
+            ..Default::default()
+        };
+        let none = super::super::Added::default();
+        let empty = HeaderMap::new();
+        let head = |method: &'static Method, target: &'static str| TryHead {
+            method,
+            target,
+            host: None,
+            headers: &empty,
+            added: &none,
+        };
         let mut out = BytesMut::new();
+        let get = TryHead {
+            method: &Method::GET,
+            target: "/p?q=1",
+            host: Some(&host),
+            headers: &headers,
+            added: &added,
+        };
         encode_request_head(
             &mut out,
-            &Method::GET,
-            "/p?q=1",
-            &headers,
+            &get,
             RequestFraming::for_body(&Method::GET, Some(0)),
         );
         assert_eq!(
             &out[..],
-            b"GET /p?q=1 HTTP/1.1\r\nhost: a:1\r\nx-b: 1\r\nx-b: 2\r\n\r\n"
+            &b"GET /p?q=1 HTTP/1.1\r\nhost: a:1\r\nx-b: 1\r\nx-b: 2\r\n\
+               x-forwarded-for: 10.0.0.1\r\nx-request-id: r1\r\n\r\n"[..],
+            "the try's host in place of the client's, the added fields last"
         );
         out.clear();
         encode_request_head(
             &mut out,
-            &Method::POST,
-            "/",
-            &HeaderMap::new(),
+            &head(&Method::POST, "/"),
             RequestFraming::for_body(&Method::POST, Some(0)),
         );
         assert_eq!(&out[..], b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         out.clear();
         encode_request_head(
             &mut out,
-            &Method::PUT,
-            "/",
-            &HeaderMap::new(),
+            &head(&Method::PUT, "/"),
             RequestFraming::for_body(&Method::PUT, Some(1234567890123)),
         );
         assert_eq!(
@@ -751,9 +778,7 @@ mod tests {
         out.clear();
         encode_request_head(
             &mut out,
-            &Method::POST,
-            "/",
-            &HeaderMap::new(),
+            &head(&Method::POST, "/"),
             RequestFraming::for_body(&Method::POST, None),
         );
         assert_eq!(

@@ -71,8 +71,12 @@ pub struct TryHead<'a> {
     pub method: &'a Method,
     /// The origin-form target (`/path?query`).
     pub target: &'a str,
-    /// The headers to send (`Host` included, no framing headers).
+    /// The endpoint's `Host`, sent instead of any in `headers`.
+    pub host: Option<&'a http::HeaderValue>,
+    /// The client's headers to send (no framing headers).
     pub headers: &'a http::HeaderMap,
+    /// The gateway's own fields, sent after `headers`.
+    pub added: &'a super::Added,
 }
 
 /// One upstream connection and what was read from it but not yet used.
@@ -110,7 +114,6 @@ impl Conn {
         head: TryHead<'_>,
         payload: &mut Option<Payload>,
     ) -> std::io::Result<()> {
-        let target = head.target;
         self.out.clear();
         match payload {
             None => Err(std::io::Error::other(
@@ -118,7 +121,7 @@ impl Conn {
             )),
             Some(Payload::Kept(bytes)) => {
                 let framing = RequestFraming::for_body(head.method, Some(bytes.len() as u64));
-                h1::encode_request_head(&mut self.out, head.method, target, head.headers, framing);
+                h1::encode_request_head(&mut self.out, &head, framing);
                 if bytes.len() <= COALESCE_BODY {
                     self.out.extend_from_slice(bytes);
                     self.io.write_all(&self.out).await
@@ -202,7 +205,7 @@ async fn write_streamed<W: tokio::io::AsyncWrite + Unpin>(
     let exact = hyper::body::Body::size_hint(&body).exact();
     let framing = RequestFraming::for_body(head.method, exact);
     out.clear();
-    h1::encode_request_head(out, head.method, head.target, head.headers, framing);
+    h1::encode_request_head(out, &head, framing);
     io.write_all(out).await?;
     while let Some(frame) = body.frame().await {
         let frame =
@@ -583,10 +586,13 @@ mod tests {
             http::header::HOST,
             http::HeaderValue::from_str(address.as_str()).unwrap(),
         );
+        let added = super::super::Added::default();
         let head = TryHead {
             method: &method,
             target: "/x",
+            host: None,
             headers: &headers,
+            added: &added,
         };
         send(address, head, payload).await
     }
