@@ -164,12 +164,16 @@ impl Outbound {
     /// Turns a client's request from `peer` (when known) into an outbound one for
     /// `path_and_query` (the route's rewrite of the client's): keeps a body of at most
     /// [`REPLAY_LIMIT`] bytes, streams a larger one, strips hop-by-hop headers, adds
-    /// `X-Forwarded-*`.
+    /// `X-Forwarded-*`. `seen`: [`Seen::of`] the client's headers. `fresh_id`: the id
+    /// the gateway made for a request that came without a usable one (not on its
+    /// headers).
     pub async fn from_client<B>(
         parts: request::Parts,
         body: B,
         path_and_query: PathAndQuery,
         peer: Option<SocketAddr>,
+        seen: Seen,
+        fresh_id: Option<HeaderValue>,
     ) -> Result<Self, GatewayError>
     where
         B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
@@ -177,9 +181,6 @@ impl Outbound {
     {
         let body = read_body(&parts.headers, body).await?;
         let mut headers = parts.headers;
-        // One pass over the client's names finds which of those the gateway strips or
-        // replaces are present (usually none but `Host`), so only those are looked up.
-        let seen = Seen::of(&headers);
         let request_id = if seen.has(Seen::REQUEST_ID) {
             headers.get(REQUEST_ID).cloned()
         } else {
@@ -196,6 +197,8 @@ impl Outbound {
         if seen.has(Seen::REPLACED) {
             headers.remove(X_FORWARDED_PROTO);
             headers.remove(X_FORWARDED_HOST);
+        }
+        if seen.has(Seen::TRACEPARENT) {
             headers.remove(TRACEPARENT);
         }
         let forwarded_host = headers.get(HOST).cloned().or_else(|| {
@@ -209,7 +212,8 @@ impl Outbound {
             None => None,
         };
         // Even if the client named it in `Connection`, the id must reach the upstream.
-        let request_id = request_id.filter(|_| !headers.contains_key(REQUEST_ID));
+        let request_id =
+            fresh_id.or_else(|| request_id.filter(|_| !headers.contains_key(REQUEST_ID)));
         Ok(Self {
             method: parts.method,
             path_and_query,
@@ -496,20 +500,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Which of the names the gateway strips or replaces a client's request carries.
+/// Which of the names the gateway reads, strips or replaces a client's request
+/// carries: one pass over its names (usually only `Host` and a few end-to-end ones)
+/// instead of a hashed lookup per name.
 #[derive(Debug, Clone, Copy)]
-struct Seen(u8);
+pub struct Seen(u8);
 
 impl Seen {
-    const HOP_BY_HOP: u8 = 1;
-    const CONTENT_LENGTH: u8 = 1 << 1;
-    const FORWARDED_FOR: u8 = 1 << 2;
-    /// `X-Forwarded-Proto`, `X-Forwarded-Host` or `traceparent`: the gateway's own
-    /// value replaces the client's.
-    const REPLACED: u8 = 1 << 3;
-    const REQUEST_ID: u8 = 1 << 4;
+    /// Any hop-by-hop field.
+    pub const HOP_BY_HOP: u8 = 1;
+    /// `Content-Length`.
+    pub const CONTENT_LENGTH: u8 = 1 << 1;
+    /// `X-Forwarded-For`.
+    pub const FORWARDED_FOR: u8 = 1 << 2;
+    /// `X-Forwarded-Proto` or `X-Forwarded-Host`: the gateway's own value replaces
+    /// the client's.
+    pub const REPLACED: u8 = 1 << 3;
+    /// `X-Request-Id`.
+    pub const REQUEST_ID: u8 = 1 << 4;
+    /// `traceparent`.
+    pub const TRACEPARENT: u8 = 1 << 5;
+    /// `x-breakwater-trace`.
+    pub const TRACE: u8 = 1 << 6;
 
-    fn of(headers: &HeaderMap) -> Self {
+    /// The names `headers` carries.
+    pub fn of(headers: &HeaderMap) -> Self {
         let mut seen = 0;
         for name in headers.keys() {
             seen |= if name == HOST {
@@ -520,8 +535,12 @@ impl Seen {
                 Self::FORWARDED_FOR
             } else if name == REQUEST_ID {
                 Self::REQUEST_ID
-            } else if name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST || name == TRACEPARENT {
+            } else if name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST {
                 Self::REPLACED
+            } else if name == TRACEPARENT {
+                Self::TRACEPARENT
+            } else if name == crate::trace::TRACE_HEADER {
+                Self::TRACE
             } else if HOP_BY_HOP.contains(name) {
                 Self::HOP_BY_HOP
             } else {
@@ -531,7 +550,8 @@ impl Seen {
         Self(seen)
     }
 
-    fn has(self, flag: u8) -> bool {
+    /// Whether any name of `flag` was seen.
+    pub fn has(self, flag: u8) -> bool {
         self.0 & flag != 0
     }
 }
@@ -601,24 +621,40 @@ fn write_ip(out: &mut [u8; 39], ip: std::net::IpAddr) -> &[u8] {
     }
 }
 
+/// Two lowercase hex digits for every byte value.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0_u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
+
+/// Writes `bytes` as lowercase hex into `out` (two digits per byte, as many as fit).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (digits, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        digits.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
+    }
+}
+
 /// The `traceparent` value naming `context`'s span as the parent, written without
 /// `fmt`: `00-<trace id>-<span id>-<flags>`.
 pub fn traceparent_value(context: &TraceContext) -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [b'-'; 55];
-    out[0] = b'0';
-    out[1] = b'0';
-    let mut write = |at: usize, digits: usize, mut n: u128| {
-        for i in (at..at + digits).rev() {
-            if let Some(slot) = out.get_mut(i) {
-                *slot = HEX[(n & 0xf) as usize];
-            }
-            n >>= 4;
-        }
-    };
-    write(3, 32, context.trace_id);
-    write(36, 16, u128::from(context.span_id));
-    write(53, 2, u128::from(context.flags));
+    let (version, rest) = out.split_at_mut(2);
+    version.copy_from_slice(b"00");
+    if let Some(trace) = rest.get_mut(1..33) {
+        hex_into(trace, &context.trace_id.to_be_bytes());
+    }
+    if let Some(span) = rest.get_mut(34..50) {
+        hex_into(span, &context.span_id.to_be_bytes());
+    }
+    if let Some(flags) = rest.get_mut(51..53) {
+        hex_into(flags, &[context.flags]);
+    }
     carved_value(&out).unwrap_or_else(|| HeaderValue::from_static(""))
 }
 
@@ -634,33 +670,38 @@ pub async fn tag_request_id(mut req: Request, next: Next) -> Response {
 /// The request's id, made sure of on `headers`: the client's if usable (left in place),
 /// else a fresh one written there.
 pub fn request_id_of(headers: &mut HeaderMap) -> HeaderValue {
+    client_request_id(headers).unwrap_or_else(|| {
+        let id = new_request_id();
+        headers.insert(REQUEST_ID, id.clone());
+        id
+    })
+}
+
+/// The client's request id if it sent a usable one (then it is the only one left on
+/// `headers`); `None` if not (then none is left there, and the caller makes one).
+pub fn client_request_id(headers: &mut HeaderMap) -> Option<HeaderValue> {
     let mut ids = headers.get_all(REQUEST_ID).iter();
-    let first = ids.next().filter(|v| usable_request_id(v)).cloned();
+    let first = ids.next()?;
+    let first = usable_request_id(first).then(|| first.clone());
     let alone = ids.next().is_none();
     match first {
         // Already where it must be: no rewrite of the map.
-        Some(id) if alone => id,
+        Some(id) if alone => Some(id),
         Some(id) => {
             headers.insert(REQUEST_ID, id.clone());
-            id
+            Some(id)
         }
         None => {
-            let id = new_request_id();
-            headers.insert(REQUEST_ID, id.clone());
-            id
+            headers.remove(REQUEST_ID);
+            None
         }
     }
 }
 
 /// A fresh request id: 32 lowercase hex digits.
 pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = rand::random::<u128>();
     let mut id = [0_u8; 32];
-    for digit in id.iter_mut().rev() {
-        *digit = HEX[(n & 0xf) as usize];
-        n >>= 4;
-    }
+    hex_into(&mut id, &rand::random::<u128>().to_be_bytes());
     carved_value(&id).unwrap_or_else(|| HeaderValue::from_static("0"))
 }
 
@@ -828,7 +869,8 @@ mod tests {
             ("x-forwarded-for", Seen::FORWARDED_FOR),
             ("x-forwarded-proto", Seen::REPLACED),
             ("x-forwarded-host", Seen::REPLACED),
-            ("traceparent", Seen::REPLACED),
+            ("traceparent", Seen::TRACEPARENT),
+            ("x-breakwater-trace", Seen::TRACE),
             ("x-request-id", Seen::REQUEST_ID),
         ] {
             let mut h = h.clone();

@@ -423,11 +423,19 @@ impl Front {
         // The request id and request metrics of `app`'s middleware, done inline.
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
-        let id = forward::request_id_of(&mut parts.headers);
+        // A fresh id is not written into the client's headers (a hashed insert, often a
+        // grow of the map): the outbound request carries it as an added field.
+        let (id, fresh_id) = match forward::client_request_id(&mut parts.headers) {
+            Some(id) => (id, None),
+            None => {
+                let id = forward::new_request_id();
+                (id.clone(), Some(id))
+            }
+        };
         let method = parts.method.clone();
         // The peer goes along as an argument: in the request's extensions it would cost
         // a map allocation per request.
-        let mut res = stack::serve(&self.state, &route, parts, body, Some(peer)).await;
+        let mut res = stack::serve(&self.state, &route, parts, body, Some(peer), fresh_id).await;
         res.headers_mut().insert(forward::REQUEST_ID, id);
         self.state.metrics().request(
             &route.label,

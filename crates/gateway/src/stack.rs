@@ -31,7 +31,7 @@ use crate::balance::{self, Tried};
 use crate::cache::{CacheStatus, CachedResponse, ResponseCache};
 use crate::classify::{self, AttemptKind, Classified};
 use crate::errors::{self, GatewayError};
-use crate::forward::{self, ClientBody, Outbound, TRACEPARENT, TryError};
+use crate::forward::{self, ClientBody, Outbound, Seen, TRACEPARENT, TryError};
 use crate::metrics::AttemptOutcome;
 use crate::policy::Policy;
 use crate::route::{Route, RouteMatch};
@@ -71,10 +71,21 @@ pub struct GatewaySpan {
 impl GatewaySpan {
     /// The span of a request with `headers`, starting now.
     pub fn start(headers: &HeaderMap) -> Self {
-        let parent = headers
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceContext::parse);
+        Self::with_parent(
+            headers
+                .get(TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(TraceContext::parse),
+        )
+    }
+
+    /// The span of a request whose caller sent no trace context: the root of a new
+    /// trace, starting now.
+    pub fn root() -> Self {
+        Self::with_parent(None)
+    }
+
+    fn with_parent(parent: Option<TraceContext>) -> Self {
         let (context, parent_span_id) = match parent {
             Some(parent) => (parent.child(), Some(parent.span_id)),
             None => (TraceContext::new_root(), None),
@@ -107,7 +118,9 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let (mut head, body) = serve(&state, &route, parts, body, peer).await.into_parts();
+    let (mut head, body) = serve(&state, &route, parts, body, peer, None)
+        .await
+        .into_parts();
     head.extensions.insert(RouteLabel(Arc::clone(&route.label)));
     Response::from_parts(head, body.into_axum())
 }
@@ -121,12 +134,20 @@ pub async fn serve<B>(
     parts: axum::http::request::Parts,
     body: B,
     peer: Option<SocketAddr>,
+    fresh_id: Option<HeaderValue>,
 ) -> ProxyResponse
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let span = GatewaySpan::start(&parts.headers);
+    // One pass over the client's names, so that the lookups below and in
+    // `Outbound::from_client` are made only for names it sent.
+    let seen = Seen::of(&parts.headers);
+    let span = if seen.has(Seen::TRACEPARENT) {
+        GatewaySpan::start(&parts.headers)
+    } else {
+        GatewaySpan::root()
+    };
     // Exported only with a tracer installed and a sampled span; otherwise this is all
     // the span costs.
     let tracer = Tracer::global().filter(|_| span.context.sampled());
@@ -134,7 +155,11 @@ where
     // One block rather than an `async fn` of its own: each nested future is one more
     // copy of it per request. Every way out passes the span's end below.
     let res = 'serve: {
-        let mut trace = Trace::from_request(&parts.headers);
+        let mut trace = if seen.has(Seen::TRACE) {
+            Trace::from_request(&parts.headers)
+        } else {
+            Trace::off()
+        };
         trace.note("route", &route.spec.prefix);
         if forward::has_dot_segment(parts.uri.path()) {
             break 'serve own(GatewayError::bad_request(
@@ -179,10 +204,11 @@ where
         if route.policy().cache.is_some() && cache_ttl.is_none() {
             trace.note("cache", "bypass");
         }
-        let mut outbound = match Outbound::from_client(parts, body, path, peer).await {
-            Ok(outbound) => outbound,
-            Err(e) => break 'serve own(e.into_response()),
-        };
+        let mut outbound =
+            match Outbound::from_client(parts, body, path, peer, seen, fresh_id).await {
+                Ok(outbound) => outbound,
+                Err(e) => break 'serve own(e.into_response()),
+            };
         outbound.added.traceparent = Some(forward::traceparent_value(&span.context));
 
         let mut res = match cache_ttl {
