@@ -344,11 +344,14 @@ where
         traceparent: forward::traceparent_value(&span.context),
     };
     let res = answer(call).await;
-    if let Some(tracer) = Tracer::global().filter(|_| span.context.sampled()) {
+    if let (Some(tracer), Some(started)) = (
+        Tracer::global().filter(|_| span.context.sampled()),
+        span.started,
+    ) {
         tracer.record(observe::server_span(
             span.context,
             span.parent_span_id,
-            SpanTimer::since(span.started),
+            SpanTimer::since(started),
             "GET",
             Some(route),
             res.status().as_u16(),

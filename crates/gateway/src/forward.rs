@@ -375,12 +375,14 @@ impl std::fmt::Display for TryError {
     }
 }
 
-/// One try of `outbound` at `endpoint` on this thread's pool, waiting at most `timeout`
-/// for the response head (connecting included). The try borrows the outbound's
+/// One try of `outbound` at `endpoint` on this thread's pool, started at `sent`, waiting
+/// at most `timeout` from then for the response head (connecting included). The try
+/// borrows the outbound's
 /// method, target and headers, so no try copies them.
 pub async fn send_once(
     endpoint: &Endpoint,
     outbound: &mut Outbound,
+    sent: tokio::time::Instant,
     timeout: Duration,
 ) -> Result<hyper::Response<UpstreamIncoming>, TryError> {
     let Some(payload) = outbound.payload() else {
@@ -393,7 +395,14 @@ pub async fn send_once(
         headers: &outbound.headers,
         added: &outbound.added,
     };
-    match tokio::time::timeout(timeout, pool::send(&endpoint.authority, head, payload)).await {
+    // `timeout_at` from the try's start, which the caller read: `timeout` would read
+    // the clock again.
+    match tokio::time::timeout_at(
+        sent + timeout,
+        pool::send(&endpoint.authority, head, payload),
+    )
+    .await
+    {
         Err(_elapsed) => Err(TryError::Timeout),
         Ok(result) => result,
     }

@@ -64,8 +64,9 @@ pub struct GatewaySpan {
     pub context: TraceContext,
     /// The caller's span id, when it sent a valid `traceparent`.
     pub parent_span_id: Option<u64>,
-    /// When the gateway took the request (wall clock, as spans are exported).
-    pub started: SystemTime,
+    /// When the gateway took the request (wall clock, as spans are exported); read
+    /// only while a tracer is installed, since nothing else uses it.
+    pub started: Option<SystemTime>,
 }
 
 impl GatewaySpan {
@@ -93,7 +94,7 @@ impl GatewaySpan {
         Self {
             context,
             parent_span_id,
-            started: SystemTime::now(),
+            started: Tracer::global().map(|_| SystemTime::now()),
         }
     }
 }
@@ -226,11 +227,11 @@ where
         trace.finish(res.headers_mut());
         res
     };
-    if let (Some(tracer), Some(method)) = (tracer, method) {
+    if let (Some(tracer), Some(method), Some(started)) = (tracer, method, span.started) {
         tracer.record(observe::server_span(
             span.context,
             span.parent_span_id,
-            SpanTimer::since(span.started),
+            SpanTimer::since(started),
             method.as_str(),
             Some(&route.label),
             res.status().as_u16(),
@@ -345,7 +346,7 @@ pub async fn dispatch(
     let started = Instant::now();
     let deadline = Deadline::after(started, policy.timeout.total);
     let service = upstream.name();
-    let instances = resolve(state, service).await?;
+    let instances = resolve(state, service, started).await?;
     let set = upstream.endpoints_for(&instances);
     let service_state = upstream.state();
     let breaker = service_state.breaker.as_deref();
@@ -412,7 +413,7 @@ pub async fn dispatch(
         let in_flight = pick.endpoint.start();
         // Only the breaker and the balancer ran since `now`: no second clock read.
         let sent = now;
-        let result = forward::send_once(&pick.endpoint, &mut outbound, try_timeout).await;
+        let result = forward::send_once(&pick.endpoint, &mut outbound, sent, try_timeout).await;
         drop(in_flight);
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(sent);
@@ -516,9 +517,10 @@ fn attempt_outcome(c: &Classified) -> AttemptOutcome {
 async fn resolve(
     state: &GatewayState,
     service: &str,
+    now: Instant,
 ) -> Result<Arc<[breakwater_registry::wire::Instance]>, GatewayError> {
     use breakwater_registry::client::DiscoveryError;
-    match state.discovery().resolve(service).await {
+    match state.discovery().resolve_at(service, now).await {
         Ok(list) if list.is_empty() => Err(GatewayError::NoInstance {
             service: service.to_owned(),
         }),

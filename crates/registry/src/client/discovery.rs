@@ -225,10 +225,19 @@ impl Discovery {
     /// nothing was ever fetched and the registry is unreachable, or the service has
     /// no instance at all (DiscoveryError::NoInstances).
     pub async fn resolve(&self, name: &str) -> Result<Arc<[Instance]>, DiscoveryError> {
+        self.resolve_at(name, Instant::now()).await
+    }
+
+    /// [`Self::resolve`] with the clock already read (`now`) by the caller, which
+    /// saves the request path a read.
+    pub async fn resolve_at(
+        &self,
+        name: &str,
+        now: Instant,
+    ) -> Result<Arc<[Instance]>, DiscoveryError> {
         if self.shared.watch {
             self.ensure_watch(name);
         }
-        let now = Instant::now();
         match self.lookup(name, now) {
             Cached::Serve(instances) => non_empty(name, instances),
             Cached::ServeAndRefresh(instances) => {
