@@ -9,7 +9,8 @@
 # Each is measured in ROUNDS rounds, nginx and the gateway taking turns going first,
 # and the report gives each figure's median over the rounds (RSS: the peak) beside
 # every round's own row: on a shared two-core machine one run swings by 10% or more.
-# Writes bench/RESULTS.md (the gateway section) with req/s, p50, p99, RSS and ratios.
+# Writes bench/RESULTS.md (the gateway section) with req/s, p50, p99, RSS, each proxy's
+# CPU time per request, and the ratios.
 #
 # Usage: bench/gateway-vs-nginx.sh [duration-seconds (default 15)] [rounds (default 3)]
 set -euo pipefail
@@ -57,10 +58,22 @@ rss_sample() {
     done < "/proc/$p/status"
   done
 }
+# TICKS := user and system clock ticks ("u s") summed over the given pids (all their
+# threads), read with shell builtins for the same reason.
+cpu_ticks() {
+  local p u=0 s=0 f
+  for p in "$@"; do
+    read -r -a f < "/proc/$p/stat"
+    u=$((u + f[13])); s=$((s + f[14]))
+  done
+  TICKS="$u $s"
+}
+HZ=$(getconf CLK_TCK)
 nginx_proxy_pids() { local m; m=$(cat "$WORK/proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')"; }
 
 # run ROUND NAME URL THREADS CONNS PIDS... -> appends
-# "round name conns rps p50us p99us rsskb" to $WORK/all
+# "round name conns rps p50us p99us rsskb user_us sys_us" to $WORK/all (CPU: the
+# proxy's own microseconds of user and system time per request; - for direct)
 to_us() { awk -v v="$1" 'BEGIN{ n=v; gsub(/[a-z]+$/,"",n); u=v; sub(/^[0-9.]+/,"",u);
   if(u=="us")m=1; else if(u=="ms")m=1000; else if(u=="s")m=1000000; else m=1; printf "%.0f", n*m }'; }
 run() {
@@ -68,6 +81,8 @@ run() {
   local peak=0 quarter i
   # RSS under load: sampled at a quarter, half and three quarters of the run.
   quarter=$((DURATION * 250))
+  local before="0 0"
+  if [ "$#" -gt 0 ]; then cpu_ticks "$@"; before=$TICKS; fi
   wrk -t"$t" -c"$c" -d"${DURATION}s" --latency "$url" > "$WORK/wrk.out" 2>&1 &
   local wpid=$!
   for i in 1 2 3; do
@@ -75,19 +90,27 @@ run() {
     if [ "$#" -gt 0 ]; then rss_sample "$@"; [ "$RSS_KB" -gt "$peak" ] && peak=$RSS_KB; fi
   done
   wait "$wpid"
+  local after="0 0"
+  if [ "$#" -gt 0 ]; then cpu_ticks "$@"; after=$TICKS; fi
   local rps p50 p99
   rps=$(awk '/Requests\/sec/{print $2}' "$WORK/wrk.out")
   p50=$(to_us "$(awk '$1=="50%"{print $2}' "$WORK/wrk.out")")
   p99=$(to_us "$(awk '$1=="99%"{print $2}' "$WORK/wrk.out")")
   local errs; errs=$(awk '/Non-2xx|Socket errors/{print}' "$WORK/wrk.out" | tr '\n' ' ')
-  echo "$round $name $c $rps $p50 $p99 $peak $errs" | tee -a "$WORK/all"
+  local n cpu
+  n=$(awk '/requests in/{print $1}' "$WORK/wrk.out")
+  cpu=$(awk -v b="$before" -v a="$after" -v n="$n" -v hz="$HZ" -v has="$#" 'BEGIN{
+    split(b, x, " "); split(a, y, " ");
+    if (has == 0 || n == 0) { print "- -"; exit }
+    printf "%.2f %.2f", (y[1]-x[1])*1e6/hz/n, (y[2]-x[2])*1e6/hz/n }')
+  echo "$round $name $c $rps $p50 $p99 $peak $cpu $errs" | tee -a "$WORK/all"
 }
 
 echo "warming up..."
 wrk -t2 -c64 -d3s "http://127.0.0.1:$GW/bench/users/1" >/dev/null
 wrk -t2 -c64 -d3s "http://127.0.0.1:$NG/bench/users/1" >/dev/null
 
-echo "round name conns req/s p50us p99us rsskb"
+echo "round name conns req/s p50us p99us rsskb user_us/req sys_us/req"
 for conf in "2 64" "1 1"; do
   set -- $conf
   for r in $(seq 1 "$ROUNDS"); do
@@ -107,7 +130,8 @@ median() { sort -n | awk '{v[NR]=$1} END{ if (NR % 2) print v[(NR+1)/2]; else pr
 for c in 64 1; do
   for n in direct nginx gateway; do
     field() { awk -v n="$n" -v c="$c" -v f="$1" '$2==n && $3==c {print $f}' "$WORK/all"; }
-    echo "$n $c $(field 4 | median) $(field 5 | median) $(field 6 | median) $(field 7 | sort -n | tail -1)" >> "$WORK/rows"
+    cpu() { if [ "$n" = direct ]; then echo -; else field "$1" | median; fi; }
+    echo "$n $c $(field 4 | median) $(field 5 | median) $(field 6 | median) $(field 7 | sort -n | tail -1) $(cpu 8) $(cpu 9)" >> "$WORK/rows"
   done
 done
 
@@ -126,12 +150,13 @@ write_report() {
     echo "wrk, ${DURATION}s per run, ${ROUNDS} rounds (nginx and the gateway take turns going first), against three identical backends (one nginx process, three ports, a 64-byte JSON body)."
     echo "The first table gives each figure's median over the rounds (RSS: the peak); every round's own figures follow."
     echo "nginx: $("$NGINX" -v 2>&1 | sed 's/.*: //'), 2 workers, keepalive upstream. Gateway: \`bench/gateway.toml\` (default policies on)."
-    echo "Everything (wrk, backends, proxy) shares the same $(nproc) cores."
+    echo "Everything (wrk, backends, proxy) shares the same $(nproc) cores; every server runs in a session (so a scheduling autogroup) of its own, as nginx puts itself."
+    echo "Proxy CPU per request: the proxy's own user and system time over the run (nginx: its two workers; the gateway: its process), divided by the requests served. The kernel's loopback work is charged to whichever process is running, so part of the system time is wrk's and the backend's."
     echo
-    echo "| target | connections | req/s | p50 (us) | p99 (us) | RSS under load (MB) |"
-    echo "|---|---|---|---|---|---|"
-    while read -r n c rps p50 p99 rss _; do
-      echo "| $n | $c | $rps | $p50 | $p99 | $(awk -v k="$rss" 'BEGIN{ if (k>0) printf "%.1f", k/1024; else print "-" }') |"
+    echo "| target | connections | req/s | p50 (us) | p99 (us) | RSS under load (MB) | proxy CPU per request, user + system (us) |"
+    echo "|---|---|---|---|---|---|---|"
+    while read -r n c rps p50 p99 rss user sys _; do
+      echo "| $n | $c | $rps | $p50 | $p99 | $(awk -v k="$rss" 'BEGIN{ if (k>0) printf "%.1f", k/1024; else print "-" }') | $(if [ "$user" = - ]; then echo -; else echo "$user + $sys"; fi) |"
     done < "$WORK/rows"
     echo
     echo "Ratios (gateway / nginx) of the medians: req/s at 64 connections **$(ratio "$(get gateway 64 3)" "$(get nginx 64 3)")** (target >= 1.0),"
@@ -147,10 +172,10 @@ write_report() {
     done
     echo "."
     echo
-    echo "| round | target | connections | req/s | p50 (us) | p99 (us) |"
-    echo "|---|---|---|---|---|---|"
-    sort -k3,3nr -k1,1n "$WORK/all" | while read -r r n c rps p50 p99 _; do
-      echo "| $r | $n | $c | $rps | $p50 | $p99 |"
+    echo "| round | target | connections | req/s | p50 (us) | p99 (us) | CPU per request, user + system (us) |"
+    echo "|---|---|---|---|---|---|---|"
+    sort -k3,3nr -k1,1n "$WORK/all" | while read -r r n c rps p50 p99 _rss user sys _; do
+      echo "| $r | $n | $c | $rps | $p50 | $p99 | $(if [ "$user" = - ]; then echo -; else echo "$user + $sys"; fi) |"
     done
     if [ -f bench/gateway-notes.md ]; then echo; cat bench/gateway-notes.md; fi
     echo "<!-- gateway-vs-nginx: end -->"
