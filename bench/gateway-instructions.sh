@@ -5,13 +5,15 @@
 # where req/s and CPU time swing by 10% between runs.
 #
 # For each binary: one nginx backend, a registry and the gateway (bench/gateway.toml)
-# under callgrind, `wrk -t1 -c8 -d10s` through it, then the gateway stops and the
-# count is divided by the requests wrk finished. Prints, per binary, instructions per
-# request and the part of them in memcpy (large futures being moved). Kernel time is
-# not counted: for that, use bench/gateway-ab.sh.
+# under callgrind, `wrk -t1 -c8 -d10s` through it (CONNS=n for another connection
+# count), then the gateway stops and the count is divided by the requests wrk
+# finished. Prints, per binary, instructions per request and the part of them in
+# memcpy (large futures being moved). Kernel time is not counted: for that, use
+# bench/gateway-ab.sh.
 #
 # Usage: bench/gateway-instructions.sh BINARY... (release builds with debug line
-# tables, as the workspace's release profile makes them)
+# tables, as the workspace's release profile makes them). CG_KEEP=PREFIX keeps each
+# binary's callgrind output as PREFIX.<binary name>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
@@ -35,7 +37,7 @@ for BIN in "$@"; do
   GP=$!; PIDS+=("$GP")
   # A gateway under callgrind takes a while to start.
   wait_http "http://127.0.0.1:$GW/bench/users/1" 600
-  wrk -t1 -c8 -d10s "http://127.0.0.1:$GW/bench/users/1" > "$WORK/wrk.out"
+  wrk -t1 -c"${CONNS:-8}" -d10s "http://127.0.0.1:$GW/bench/users/1" > "$WORK/wrk.out"
   kill -INT "$GP"; wait "$GP" || true
   [ -n "${CG_KEEP:-}" ] && cp "$WORK/cg.out" "$CG_KEEP.$(basename "$BIN")"
   kill "$RP"; wait "$RP" 2>/dev/null || true
