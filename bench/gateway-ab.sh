@@ -23,10 +23,7 @@ command -v wrk >/dev/null || { echo "wrk is missing: run bench/gateway-vs-nginx.
 for v in B1 B2 B3 NG RG GA GB; do pick "$v"; done
 start_backends "$B1" "$B2" "$B3"
 start_proxy "$NG" "$B1" "$B2" "$B3"
-RUST_LOG=warn detached "$A" registry --port "$RG" --bind 127.0.0.1 2>"$WORK/registry.log"
-PIDS+=("$DETACHED_PID")
-wait_http "http://127.0.0.1:$RG/health"
-register_backends "$RG" "$B1" "$B2" "$B3"
+start_registry "$A" "$RG" "$B1" "$B2" "$B3"
 start_gw() { # binary port config: sets DETACHED_PID
   RUST_LOG=warn detached "$1" gateway --port "$2" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
     --config "$3" >/dev/null 2>"$WORK/gateway-$2.log"

@@ -34,10 +34,7 @@ BW=target/release/breakwater
 for v in B1 B2 B3 NG GW RG; do pick "$v"; done
 start_backends "$B1" "$B2" "$B3"
 start_proxy "$NG" "$B1" "$B2" "$B3"
-RUST_LOG=warn detached "$BW" registry --port "$RG" --bind 127.0.0.1 2>"$WORK/registry.log"
-PIDS+=("$DETACHED_PID")
-wait_http "http://127.0.0.1:$RG/health"
-register_backends "$RG" "$B1" "$B2" "$B3"
+start_registry "$BW" "$RG" "$B1" "$B2" "$B3"
 RUST_LOG=warn detached "$BW" gateway --port "$GW" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
   --config bench/gateway.toml 2>"$WORK/gateway.log"
 GW_PID=$DETACHED_PID

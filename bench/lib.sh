@@ -99,6 +99,16 @@ NGX
   "$NGINX" -c "$WORK/proxy.conf" -e "$WORK/proxy-error.log"
 }
 
+# start_registry BINARY PORT BACKEND_PORT...: a breakwater registry on PORT (its own
+# session, added to PIDS, log in $WORK/registry.log) with the backends registered.
+start_registry() {
+  local bin=$1 port=$2; shift 2
+  RUST_LOG=warn detached "$bin" registry --port "$port" --bind 127.0.0.1 2>"$WORK/registry.log"
+  PIDS+=("$DETACHED_PID")
+  wait_http "http://127.0.0.1:$port/health"
+  register_backends "$port" "$@"
+}
+
 # register_backends REGISTRY_PORT BACKEND_PORT...: lists each backend in the registry
 # as an instance of `bench-backend` (the service bench/gateway.toml routes to).
 register_backends() {

@@ -970,8 +970,9 @@ mod tests {
         assert!(all[80 << 10..].iter().all(|&b| b == b'2'));
     }
 
-    /// A body of pieces with no length known in advance, as a chunked upload is.
-    struct Pieces(std::collections::VecDeque<Bytes>);
+    /// A body of pieces with no length known in advance, as a chunked upload is (the
+    /// pool's tests use it too).
+    pub(super) struct Pieces(pub(super) std::collections::VecDeque<Bytes>);
 
     impl hyper::body::Body for Pieces {
         type Data = Bytes;

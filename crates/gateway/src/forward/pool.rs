@@ -828,18 +828,7 @@ mod tests {
 
     /// A body of `pieces` whose length is not known in advance.
     fn futures_stream(pieces: Vec<Bytes>) -> Body {
-        struct Pieces(std::collections::VecDeque<Bytes>);
-        impl hyper::body::Body for Pieces {
-            type Data = Bytes;
-            type Error = std::convert::Infallible;
-            fn poll_frame(
-                mut self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-                Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
-            }
-        }
-        Body::new(Pieces(pieces.into()))
+        Body::new(super::super::tests::Pieces(pieces.into()))
     }
 
     #[tokio::test]
