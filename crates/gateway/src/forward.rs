@@ -12,7 +12,7 @@
 //! - [`ClientBody`] carries the upstream's body back to the client unboxed; any other
 //!   answer (errors, fallbacks, cached bodies, the router's) is boxed.
 
-mod h1;
+pub(crate) mod h1;
 mod pool;
 
 pub use pool::{BodyError, Payload, TryHead, UpstreamIncoming};

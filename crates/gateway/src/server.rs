@@ -17,7 +17,7 @@ use breakwater_registry::client::{CachePolicy, Discovery, RegistryClient, spawn_
 use breakwater_registry::wire::RegisterRequest;
 use breakwater_resilience::breaker::Transition;
 use breakwater_runtime::CancellationToken;
-use breakwater_runtime::serve::{DEFAULT_DRAIN, serve_per_core_with};
+use breakwater_runtime::serve::{Accepted, DEFAULT_DRAIN, serve_per_core_conns};
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -38,6 +38,8 @@ use crate::policy::Policy;
 use crate::route::{Route, RouteMatch, RouteTable};
 use crate::stack::{self, RouteLabel};
 use crate::upstream::{EjectionChange, EndpointSet, Upstream, UpstreamObserver, Upstreams};
+
+mod conn;
 
 /// Responses the gateway's cache holds at most.
 const CACHE_ENTRIES: u64 = 10_000;
@@ -420,9 +422,24 @@ impl Front {
                 Err(never) => match never {},
             };
         };
-        // The request id and request metrics of `app`'s middleware, done inline.
+        let (parts, body) = req.into_parts();
+        Ok(self.serve_route(route, parts, body, peer).await)
+    }
+
+    /// Serves a request [`Front::fast_route`] matched to `route`, with the request id
+    /// and request metrics of [`app`]'s middleware done inline.
+    pub async fn serve_route<B>(
+        &self,
+        route: Arc<Route>,
+        mut parts: axum::http::request::Parts,
+        body: B,
+        peer: SocketAddr,
+    ) -> hyper::Response<ClientBody>
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
         let started = Instant::now();
-        let (mut parts, body) = req.into_parts();
         // A fresh id is not written into the client's headers (a hashed insert, often a
         // grow of the map): the outbound request carries it as an added field.
         let (id, fresh_id) = match forward::client_request_id(&mut parts.headers) {
@@ -443,7 +460,7 @@ impl Front {
             res.status().as_u16(),
             started.elapsed(),
         );
-        Ok(res)
+        res
     }
 
     /// The route of a request the fast path serves: a path only the route table
@@ -584,13 +601,9 @@ pub async fn run(
 
     let workers = std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
     let front = PerThread(Arc::new(Front::new(state.clone())));
-    let per_connection = move |peer: SocketAddr| {
-        let front = Arc::clone(&front.0);
-        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            Arc::clone(&front).handle(req, peer)
-        })
-    };
-    let server = tokio::spawn(serve_per_core_with(
+    let per_connection =
+        move |accepted: Accepted| conn::serve(Arc::clone(&front.0), accepted);
+    let server = tokio::spawn(serve_per_core_conns(
         listener,
         per_connection,
         shutdown.clone(),

@@ -126,6 +126,152 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let per_connection = move |accepted: Accepted| {
+        let service = per_connection(accepted.peer);
+        let io = hyper_util::rt::TokioIo::new(accepted.stream);
+        accepted.handoff.serve(io, service)
+    };
+    serve_per_core_conns(listener, per_connection, shutdown, drain, workers).await
+}
+
+/// One accepted connection of [`serve_per_core_conns`], on the worker thread that
+/// serves it.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The connection (`TCP_NODELAY` set).
+    pub stream: tokio::net::TcpStream,
+    /// Its peer's address.
+    pub peer: std::net::SocketAddr,
+    /// Fires when the server starts stopping: a connection's own loop then finishes the
+    /// request in flight and closes instead of reading another.
+    pub stopping: CancellationToken,
+    /// Where the connection goes to be served by hyper instead, for the rest of its
+    /// life. Held until the connection ends, so that a stopping server waits for it.
+    pub handoff: Handoff,
+}
+
+/// Serving the rest of a connection with hyper (HTTP/1.1 with upgrades, or HTTP/2),
+/// stopped gracefully with the server. Until it is used or dropped, the server's drain
+/// waits for the connection holding it.
+#[derive(Debug)]
+pub struct Handoff {
+    watcher: hyper_util::server::graceful::Watcher,
+}
+
+impl Handoff {
+    /// Serves `io` with `service` until the connection ends or the server stops (idle
+    /// at once, in flight once the response is out). Bytes already read from the
+    /// connection go in front of `io` (see [`Prefixed`]).
+    pub async fn serve<I, S, B>(self, io: I, service: S)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                hyper::Request<hyper::body::Incoming>,
+                Response = hyper::Response<B>,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let builder =
+            hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let conn = builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        if let Err(e) = self.watcher.watch(conn).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// A connection with bytes already read from it put back in front: a connection's own
+/// loop that read a request it does not serve hands the connection on as this.
+#[derive(Debug)]
+pub struct Prefixed<T> {
+    pre: bytes::Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    /// `inner`, whose reads give `pre` first.
+    pub fn new(pre: bytes::Bytes, inner: T) -> Self {
+        Self { pre, inner }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            let taken = self.pre.split_to(n);
+            buf.put_slice(&taken);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The thread-per-core server underneath [`serve_per_core`] and
+/// [`serve_per_core_with`], for a server that reads its connections itself:
+/// `per_connection` gets each accepted connection (on the worker thread that serves
+/// it, as [`Accepted`]) and returns the future that serves it, which may hand the
+/// connection to hyper ([`Handoff`]). When `shutdown` fires, accepting stops, hyper's
+/// connections stop gracefully, and each worker waits up to `drain` for all of its
+/// connections (every [`Handoff`] dropped) before dropping the rest.
+pub async fn serve_per_core_conns<M, F>(
+    listener: TcpListener,
+    per_connection: M,
+    shutdown: CancellationToken,
+    drain: Duration,
+    workers: std::num::NonZeroUsize,
+) -> std::io::Result<()>
+where
+    M: Fn(Accepted) -> F + Clone + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     type Handoff = (std::net::TcpStream, std::net::SocketAddr);
     let mut senders = Vec::with_capacity(workers.get());
     let mut threads = Vec::with_capacity(workers.get());
@@ -191,7 +337,7 @@ where
     .map_err(std::io::Error::other)
 }
 
-async fn worker<M, S, B>(
+async fn worker<M, F>(
     mut connections: tokio::sync::mpsc::UnboundedReceiver<(
         std::net::TcpStream,
         std::net::SocketAddr,
@@ -200,22 +346,10 @@ async fn worker<M, S, B>(
     shutdown: CancellationToken,
     drain: Duration,
 ) where
-    M: Fn(std::net::SocketAddr) -> S,
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<B>,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    M: Fn(Accepted) -> F,
+    F: Future<Output = ()> + Send + 'static,
 {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     loop {
         let (stream, peer) = tokio::select! {
             next = connections.recv() => match next {
@@ -231,17 +365,17 @@ async fn worker<M, S, B>(
                 continue;
             }
         };
-        let service = per_connection(peer);
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
+        tokio::spawn(per_connection(Accepted {
+            stream,
+            peer,
+            stopping: shutdown.clone(),
+            handoff: Handoff {
+                watcher: graceful.watcher(),
+            },
+        }));
     }
+    // Signals hyper's connections, then waits for every watcher: hyper's connections
+    // and the connections still in their own loops (which hold their `Handoff`).
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(drain) => {

@@ -301,24 +301,43 @@ impl WireFields {
     }
 }
 
-/// The header names upstream responses carry most, matched (`name` lower-cased)
-/// without `HeaderName`'s general parser.
+/// The header names messages carry most, matched (`name` lower-cased) without
+/// `HeaderName`'s general parser.
 fn known_name(name: &[u8]) -> Option<HeaderName> {
     use http::header;
     let is = |n: &HeaderName| name == n.as_str().as_bytes();
     let candidates: &[HeaderName] = match name.len() {
-        4 => &[header::DATE, header::ETAG, header::VARY],
-        6 => &[header::SERVER],
-        7 => &[header::EXPIRES],
+        4 => &[header::HOST, header::DATE, header::ETAG, header::VARY],
+        6 => &[header::ACCEPT, header::SERVER, header::COOKIE, header::ORIGIN],
+        7 => &[header::EXPIRES, header::REFERER],
         8 => &[header::LOCATION],
-        10 => &[header::SET_COOKIE],
+        10 => &[header::USER_AGENT, header::SET_COOKIE],
         12 => &[header::CONTENT_TYPE],
-        13 => &[header::CACHE_CONTROL, header::LAST_MODIFIED],
+        13 => &[
+            header::CACHE_CONTROL,
+            header::LAST_MODIFIED,
+            header::AUTHORIZATION,
+        ],
         14 => &[header::CONTENT_LENGTH],
+        15 => &[header::ACCEPT_ENCODING, header::ACCEPT_LANGUAGE],
         16 => &[header::CONTENT_ENCODING],
         _ => &[],
     };
     candidates.iter().find(|n| is(n)).cloned()
+}
+
+/// A field's name as a `HeaderName` (lower-cased): common names without the general
+/// parser. `None`: not a valid name.
+pub fn field_name(name: &[u8]) -> Option<HeaderName> {
+    let mut folded = [0_u8; 24];
+    if let Some(lower) = folded.get_mut(..name.len()) {
+        lower.copy_from_slice(name);
+        lower.make_ascii_lowercase();
+        if let Some(known) = known_name(lower) {
+            return Some(known);
+        }
+    }
+    HeaderName::from_bytes(name).ok()
 }
 
 /// How a request's body is delimited on the wire.
@@ -382,8 +401,7 @@ pub fn encode_request_head(dst: &mut BytesMut, head: &TryHead<'_>, framing: Requ
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
             dst.extend_from_slice(b"content-length: ");
-            let mut digits = itoa_u64(n);
-            dst.extend_from_slice(digits.as_bytes_mut());
+            dst.extend_from_slice(itoa_u64(n).as_bytes());
             dst.extend_from_slice(b"\r\n");
         }
         RequestFraming::Chunked => dst.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -418,18 +436,20 @@ pub fn encode_chunk(dst: &mut BytesMut, data: &[u8]) {
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// Decimal digits of `n` without `fmt`.
-struct Digits {
+pub struct Digits {
     buf: [u8; 20],
     at: usize,
 }
 
 impl Digits {
-    fn as_bytes_mut(&mut self) -> &[u8] {
+    /// The digits.
+    pub fn as_bytes(&self) -> &[u8] {
         self.buf.get(self.at..).unwrap_or_default()
     }
 }
 
-fn itoa_u64(mut n: u64) -> Digits {
+/// `n` in decimal.
+pub fn itoa_u64(mut n: u64) -> Digits {
     let mut d = Digits {
         buf: [0; 20],
         at: 20,
