@@ -15,6 +15,7 @@
 pub(crate) mod h1;
 mod pool;
 
+pub use h1::{Fields, RawFields};
 pub use pool::{BodyError, Payload, TryHead, UpstreamIncoming};
 
 use std::net::SocketAddr;
@@ -100,6 +101,9 @@ pub struct Outbound {
     pub added: Added,
     /// The body.
     pub body: OutboundBody,
+    /// How the response's fields are kept: [`Fields::Raw`] only for a caller that
+    /// writes the response to the client itself and reads none of its fields.
+    pub fields: Fields,
 }
 
 /// Fields the gateway sets on an outbound request, sent after the client's headers.
@@ -158,6 +162,7 @@ impl Outbound {
                 ..Added::default()
             },
             body: OutboundBody::Kept(Bytes::new()),
+            fields: Fields::Map,
         }
     }
 
@@ -226,6 +231,7 @@ impl Outbound {
                 traceparent: None,
             },
             body,
+            fields: Fields::Map,
         })
     }
 
@@ -394,6 +400,7 @@ pub async fn send_once(
         host: Some(&endpoint.host_header),
         headers: &outbound.headers,
         added: &outbound.added,
+        fields: outbound.fields,
     };
     // `timeout_at` from the try's start, which the caller read: `timeout` would read
     // the clock again.

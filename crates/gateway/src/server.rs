@@ -423,17 +423,21 @@ impl Front {
             };
         };
         let (parts, body) = req.into_parts();
-        Ok(self.serve_route(route, parts, body, peer).await)
+        Ok(self
+            .serve_route(route, parts, body, peer, forward::Fields::Map)
+            .await)
     }
 
     /// Serves a request [`Front::fast_route`] matched to `route`, with the request id
-    /// and request metrics of [`app`]'s middleware done inline.
+    /// and request metrics of [`app`]'s middleware done inline. `fields`: as for
+    /// [`stack::serve`].
     pub async fn serve_route<B>(
         &self,
         route: Arc<Route>,
         mut parts: axum::http::request::Parts,
         body: B,
         peer: SocketAddr,
+        fields: forward::Fields,
     ) -> hyper::Response<ClientBody>
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
@@ -452,7 +456,8 @@ impl Front {
         let method = parts.method.clone();
         // The peer goes along as an argument: in the request's extensions it would cost
         // a map allocation per request.
-        let mut res = stack::serve(&self.state, &route, parts, body, Some(peer), fresh_id).await;
+        let mut res =
+            stack::serve(&self.state, &route, parts, body, Some(peer), fresh_id, fields).await;
         res.headers_mut().insert(forward::REQUEST_ID, id);
         self.state.metrics().request(
             &route.label,

@@ -31,7 +31,7 @@ use crate::balance::{self, Tried};
 use crate::cache::{CacheStatus, CachedResponse, ResponseCache};
 use crate::classify::{self, AttemptKind, Classified};
 use crate::errors::{self, GatewayError};
-use crate::forward::{self, ClientBody, Outbound, Seen, TRACEPARENT, TryError};
+use crate::forward::{self, ClientBody, Fields, Outbound, Seen, TRACEPARENT, TryError};
 use crate::metrics::AttemptOutcome;
 use crate::policy::Policy;
 use crate::route::{Route, RouteMatch};
@@ -119,7 +119,7 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let (mut head, body) = serve(&state, &route, parts, body, peer, None)
+    let (mut head, body) = serve(&state, &route, parts, body, peer, None, Fields::Map)
         .await
         .into_parts();
     head.extensions.insert(RouteLabel(Arc::clone(&route.label)));
@@ -128,7 +128,9 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
 
 /// Serves a request from `peer` (when known) already matched to `route` (the router's
 /// fallback, or the front's fast path, [`crate::server::Front`]). The request id is
-/// already on `parts`.
+/// already on `parts`, or is `fresh_id`. `fields` says how an upstream response's
+/// fields may come back: [`Fields::Raw`] only for a caller that writes the response
+/// itself (a cached route still gets a map: the cache stores it).
 pub async fn serve<B>(
     state: &GatewayState,
     route: &Route,
@@ -136,6 +138,7 @@ pub async fn serve<B>(
     body: B,
     peer: Option<SocketAddr>,
     fresh_id: Option<HeaderValue>,
+    fields: Fields,
 ) -> ProxyResponse
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
@@ -211,6 +214,9 @@ where
                 Err(e) => break 'serve own(e.into_response()),
             };
         outbound.added.traceparent = Some(forward::traceparent_value(&span.context));
+        if cache_ttl.is_none() {
+            outbound.fields = fields;
+        }
 
         let mut res = match cache_ttl {
             Some(ttl) => own(Box::pin(cached(state, route, outbound, ttl, &mut trace)).await),

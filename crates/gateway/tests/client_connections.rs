@@ -371,3 +371,38 @@ async fn stopping_closes_idle_connections_and_finishes_the_one_in_flight() {
     stopping.await.unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn upstream_fields_pass_as_sent_and_the_gateways_replace_theirs() {
+    let router = Router::new().fallback(|| async {
+        axum::response::Response::builder()
+            .header("set-cookie", "a=1")
+            .header("set-cookie", "b=2")
+            .header("x-request-id", "the-upstream-id")
+            .header("x-upstream", "kept")
+            .body(Body::from("hello"))
+            .unwrap()
+    });
+    let gateway = Gateway::start(spawn(router).await).await;
+    let mut stream = TcpStream::connect(gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /users/1 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: client-id\r\n\r\n")
+        .await
+        .unwrap();
+    let res = read_response(&mut stream, &mut Vec::new()).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body, b"hello");
+    let all = |name: &str| -> Vec<&str> {
+        res.fields
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(all("set-cookie"), ["a=1", "b=2"]);
+    assert_eq!(all("x-request-id"), ["client-id"]);
+    assert_eq!(all("x-upstream"), ["kept"]);
+    assert_eq!(all("content-length"), ["5"]);
+    assert_eq!(all("date").len(), 1, "{res:?}");
+    gateway.stop().await;
+}

@@ -54,6 +54,51 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another request after this response's body.
     pub keep_alive: bool,
+    /// With [`Fields::Raw`] asked for (and at most [`RAW_FIELDS`] end-to-end fields):
+    /// the fields as the head's own lines, and `parts.headers` empty. Boxed: a
+    /// response is moved several times on its way out, and inline it would be copied
+    /// each time.
+    pub raw: Option<Box<RawFields>>,
+}
+
+/// How a response head's end-to-end fields are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fields {
+    /// In `parts.headers`, for anyone to read or change.
+    Map,
+    /// As [`RawFields`], for a caller that writes them to the client itself and reads
+    /// none of them (a map would be built only to be written out again).
+    Raw,
+}
+
+/// Most end-to-end fields kept as raw lines; a response with more gets a map.
+pub const RAW_FIELDS: usize = 16;
+
+/// An upstream response's end-to-end fields as lines of its head: everything but the
+/// hop-by-hop fields and `Content-Length` (the client's framing is the writer's).
+#[derive(Debug, Clone)]
+pub struct RawFields {
+    head: Bytes,
+    /// Each field's line: where it starts, its name's length, where its value ends.
+    lines: [(u32, u32, u32); RAW_FIELDS],
+    count: usize,
+}
+
+impl RawFields {
+    /// Each field as (name, whole line without its CRLF), in the order sent.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines
+            .get(..self.count)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|&(start, name_len, end)| {
+                let (start, name_len, end) = (start as usize, name_len as usize, end as usize);
+                Some((
+                    self.head.get(start..start + name_len)?,
+                    self.head.get(start..end)?,
+                ))
+            })
+    }
 }
 
 /// Parses the response head at the start of `buf`, removing it (and any interim 1xx
@@ -63,16 +108,18 @@ pub fn parse_response(
     buf: &mut BytesMut,
     request_method: &Method,
 ) -> Result<Option<ResponseHead>, String> {
-    parse_response_with(buf, request_method, &mut Vec::new())
+    parse_response_with(buf, request_method, &mut Vec::new(), Fields::Map)
 }
 
 /// Parses the response head at the start of `buf`, removing it (and any interim 1xx
 /// answers before it) from `buf`. `Ok(None)`: the head is not complete yet. `spans` is
 /// scratch the caller keeps (one per connection), so that no response pays for one.
+/// `fields` says how the end-to-end fields are kept.
 pub fn parse_response_with(
     buf: &mut BytesMut,
     request_method: &Method,
     spans: &mut Vec<(usize, usize, usize, usize)>,
+    keep: Fields,
 ) -> Result<Option<ResponseHead>, String> {
     loop {
         // Left uninitialised for the parser to fill: zeroing 100 fields per response
@@ -131,7 +178,18 @@ pub fn parse_response_with(
         // and left out of the map, so the client never gets them and nobody has to look
         // for them again; the rest go in, common names without `HeaderName`'s parser.
         // One spare slot: the gateway adds `x-request-id`.
-        let mut headers = HeaderMap::with_capacity(count + 1);
+        let mut raw = (keep == Fields::Raw && count <= RAW_FIELDS).then(|| {
+            Box::new(RawFields {
+                head: head.clone(),
+                lines: [(0, 0, 0); RAW_FIELDS],
+                count: 0,
+            })
+        });
+        let mut headers = if raw.is_some() {
+            HeaderMap::new()
+        } else {
+            HeaderMap::with_capacity(count + 1)
+        };
         let mut wire = WireFields::default();
         for &(name_at, name_len, value_at, value_len) in spans.iter() {
             let (Some(name), Some(value)) = (
@@ -156,6 +214,17 @@ pub fn parse_response_with(
             }
             if lower == b"content-length" {
                 wire.content_length(value);
+                if raw.is_some() {
+                    continue;
+                }
+            }
+            if let Some(raw) = &mut raw {
+                // Offsets in a head of at most `MAX_HEAD` bytes fit in `u32`.
+                if let Some(line) = raw.lines.get_mut(raw.count) {
+                    *line = (name_at as u32, name_len as u32, (value_at + value_len) as u32);
+                    raw.count += 1;
+                }
+                continue;
             }
             let name = known_name(lower)
                 .or_else(|| HeaderName::from_bytes(name).ok())
@@ -167,6 +236,27 @@ pub fn parse_response_with(
         // Fields the response's `Connection` names are hop-by-hop too (RFC 9110 7.6.1).
         for named in &wire.connection_named {
             headers.remove(named);
+        }
+        if let Some(raw) = &mut raw
+            && !wire.connection_named.is_empty()
+        {
+            let mut kept = 0;
+            for i in 0..raw.count {
+                let Some(&line) = raw.lines.get(i) else { break };
+                let (start, name_len, _) = line;
+                let name = head
+                    .get(start as usize..(start + name_len) as usize)
+                    .unwrap_or_default();
+                let named = wire
+                    .connection_named
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()));
+                if !named && let Some(slot) = raw.lines.get_mut(kept) {
+                    *slot = line;
+                    kept += 1;
+                }
+            }
+            raw.count = kept;
         }
         let (framing, framing_closes) = wire.framing(request_method, status)?;
         if wire.transfer_encoding {
@@ -183,6 +273,7 @@ pub fn parse_response_with(
             parts,
             framing,
             keep_alive,
+            raw,
         }));
     }
 }
@@ -675,6 +766,52 @@ mod tests {
     }
 
     #[test]
+    fn raw_fields_keep_the_end_to_end_lines_as_sent() {
+        let text = "HTTP/1.1 200 OK\r\nServer: up\r\nSet-Cookie: a=1\r\n\
+                    Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\nSet-Cookie: b=2\r\n\
+                    Keep-Alive: timeout=5\r\nContent-Length: 2\r\nX-Kept:  spaced \r\n\r\nok";
+        let mut buf = BytesMut::from(text.as_bytes());
+        let h = parse_response_with(&mut buf, &Method::GET, &mut Vec::new(), Fields::Raw)
+            .unwrap()
+            .unwrap();
+        assert!(h.parts.headers.is_empty(), "{:?}", h.parts.headers);
+        assert_eq!(h.framing, Framing::Length(2));
+        assert!(h.keep_alive);
+        assert_eq!(&buf[..], b"ok");
+        let raw = h.raw.unwrap();
+        let lines: Vec<(String, String)> = raw
+            .lines()
+            .map(|(n, l)| {
+                (
+                    String::from_utf8_lossy(n).into_owned(),
+                    String::from_utf8_lossy(l).into_owned(),
+                )
+            })
+            .collect();
+        let expect = [
+            ("Server", "Server: up"),
+            ("Set-Cookie", "Set-Cookie: a=1"),
+            ("Set-Cookie", "Set-Cookie: b=2"),
+            ("X-Kept", "X-Kept:  spaced"),
+        ];
+        assert_eq!(
+            lines,
+            expect.map(|(n, l)| (n.to_owned(), l.to_owned())).to_vec()
+        );
+
+        // More fields than the lines hold: a map, as without `Raw`.
+        let many: String = (0..RAW_FIELDS + 1)
+            .map(|i| format!("x-f{i}: {i}\r\n"))
+            .collect();
+        let mut buf = BytesMut::from(format!("HTTP/1.1 204 No Content\r\n{many}\r\n").as_bytes());
+        let h = parse_response_with(&mut buf, &Method::GET, &mut Vec::new(), Fields::Raw)
+            .unwrap()
+            .unwrap();
+        assert!(h.raw.is_none());
+        assert_eq!(h.parts.headers.len(), RAW_FIELDS + 1);
+    }
+
+    #[test]
     fn a_bad_length_is_an_error_only_where_it_frames_the_body() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 1x\r\n\r\n"[..]);
         let err = parse_response(&mut buf, &Method::GET).unwrap_err();
@@ -758,6 +895,7 @@ mod tests {
             host: None,
             headers: &empty,
             added: &none,
+            fields: Fields::Map,
         };
         let mut out = BytesMut::new();
         let get = TryHead {
@@ -766,6 +904,7 @@ mod tests {
             host: Some(&host),
             headers: &headers,
             added: &added,
+            fields: Fields::Map,
         };
         encode_request_head(
             &mut out,

@@ -77,6 +77,8 @@ pub struct TryHead<'a> {
     pub headers: &'a http::HeaderMap,
     /// The gateway's own fields, sent after `headers`.
     pub added: &'a super::Added,
+    /// How the response's fields are to be kept.
+    pub fields: h1::Fields,
 }
 
 /// One upstream connection and what was read from it but not yet used.
@@ -156,7 +158,7 @@ impl Conn {
         } = self;
         let (mut reading, mut writing) = io.split();
         let write = write_streamed(&mut writing, out, head, body);
-        let read = read_head_from(&mut reading, buf, spans, address, head.method);
+        let read = read_head_from(&mut reading, buf, spans, address, &head);
         let mut write = std::pin::pin!(write);
         let mut read = std::pin::pin!(read);
         let mut written: Option<std::io::Result<()>> = None;
@@ -182,13 +184,13 @@ impl Conn {
     }
 
     /// Reads until a whole response head is in.
-    async fn read_head(&mut self, method: &Method) -> Result<h1::ResponseHead, TryError> {
+    async fn read_head(&mut self, head: &TryHead<'_>) -> Result<h1::ResponseHead, TryError> {
         read_head_from(
             &mut self.io,
             &mut self.buf,
             &mut self.spans,
             &self.address,
-            method,
+            head,
         )
         .await
     }
@@ -236,11 +238,11 @@ async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
     buf: &mut BytesMut,
     spans: &mut Vec<(usize, usize, usize, usize)>,
     address: &Authority,
-    method: &Method,
+    request: &TryHead<'_>,
 ) -> Result<h1::ResponseHead, TryError> {
     loop {
         if !buf.is_empty()
-            && let Some(head) = h1::parse_response_with(buf, method, spans)
+            && let Some(head) = h1::parse_response_with(buf, request.method, spans, request.fields)
                 .map_err(|e| TryError::Protocol(format!("from {address}: {e}")))?
         {
             return Ok(head);
@@ -374,9 +376,14 @@ pub async fn send(
                     error_chain(&e)
                 )));
             }
-            conn.read_head(head.method).await?
+            conn.read_head(&head).await?
         };
-        let body = UpstreamIncoming::new(conn, response.framing, response.keep_alive);
+        let body = UpstreamIncoming::new(
+            conn,
+            response.framing,
+            response.keep_alive,
+            response.raw,
+        );
         return Ok(hyper::Response::from_parts(response.parts, body));
     }
 }
@@ -445,10 +452,16 @@ pub struct UpstreamIncoming {
     conn: Option<Conn>,
     state: BodyState,
     keep_alive: bool,
+    raw: Option<Box<h1::RawFields>>,
 }
 
 impl UpstreamIncoming {
-    fn new(conn: Conn, framing: Framing, keep_alive: bool) -> Self {
+    fn new(
+        conn: Conn,
+        framing: Framing,
+        keep_alive: bool,
+        raw: Option<Box<h1::RawFields>>,
+    ) -> Self {
         let mut body = Self {
             conn: Some(conn),
             state: match framing {
@@ -458,11 +471,18 @@ impl UpstreamIncoming {
                 Framing::UntilClose => BodyState::UntilClose,
             },
             keep_alive,
+            raw,
         };
         if matches!(body.state, BodyState::Done) {
             body.finish();
         }
         body
+    }
+
+    /// The response's end-to-end fields as its head's lines, when the request asked
+    /// for them so ([`h1::Fields::Raw`]); its `HeaderMap` is then empty.
+    pub fn raw_fields(&self) -> Option<&h1::RawFields> {
+        self.raw.as_deref()
     }
 
     /// The body ended: its connection goes back to the pool if it may carry another
@@ -593,6 +613,7 @@ mod tests {
             host: None,
             headers: &headers,
             added: &added,
+            fields: h1::Fields::Map,
         };
         send(address, head, payload).await
     }

@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::Front;
-use crate::forward::ClientBody;
+use crate::forward::{ClientBody, Fields, RawFields};
 use crate::forward::h1::{self, LAST_CHUNK, MAX_HEAD, MAX_HEADERS};
 
 /// The answer to a head larger than [`MAX_HEAD`] (the connection then closes).
@@ -108,7 +108,7 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
             return;
         };
         let res = front
-            .serve_route(route, parts, Empty::<Bytes>::new(), peer)
+            .serve_route(route, parts, Empty::<Bytes>::new(), peer, Fields::Raw)
             .await;
         if write_response(&mut stream, &mut out, res, close)
             .await
@@ -269,7 +269,11 @@ async fn write_response(
         },
     };
     out.clear();
-    encode_head(out, parts.status, &parts.headers, framing, close);
+    let raw = match &body {
+        ClientBody::Upstream(upstream) => upstream.raw_fields(),
+        ClientBody::Other(_) => None,
+    };
+    encode_head(out, parts.status, &parts.headers, raw, framing, close);
     if framing == Framing::None {
         return stream.write_all(out).await.map_err(drop);
     }
@@ -329,11 +333,14 @@ async fn write_response(
 }
 
 /// The response head: status line, the response's fields (its own framing and
-/// connection fields left out: the loop writes those), a `Date` if it has none.
+/// connection fields left out: the loop writes those), then an upstream's `raw` lines
+/// as it sent them (less any field `headers` sets: the gateway's value replaces the
+/// upstream's), a `Date` if it has none.
 fn encode_head(
     out: &mut BytesMut,
     status: StatusCode,
     headers: &HeaderMap,
+    raw: Option<&RawFields>,
     framing: Framing,
     close: bool,
 ) {
@@ -351,6 +358,17 @@ fn encode_head(
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, line) in raw.into_iter().flat_map(RawFields::lines) {
+        let set = headers
+            .keys()
+            .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()));
+        if set {
+            continue;
+        }
+        dated |= name.eq_ignore_ascii_case(b"date");
+        out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
     if !dated {
