@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodRouter, any, get};
@@ -423,14 +423,19 @@ impl Front {
             };
         };
         let (parts, body) = req.into_parts();
-        Ok(self
+        let (mut res, id) = self
             .serve_route(route, parts, body, peer, forward::Fields::Map)
-            .await)
+            .await;
+        res.headers_mut().insert(forward::REQUEST_ID, id);
+        Ok(res)
     }
 
     /// Serves a request [`Front::fast_route`] matched to `route`, with the request id
     /// and request metrics of [`app`]'s middleware done inline. `fields`: as for
-    /// [`stack::serve`].
+    /// [`stack::serve`]. Returns the response and the request id, which the caller
+    /// sets on it (as `x-request-id`, replacing any the response has): the gateway's
+    /// own connection loop writes it straight into the head, and a response that
+    /// carries none of the gateway's fields then never needs a map.
     pub async fn serve_route<B>(
         &self,
         route: Arc<Route>,
@@ -438,7 +443,7 @@ impl Front {
         body: B,
         peer: SocketAddr,
         fields: forward::Fields,
-    ) -> hyper::Response<ClientBody>
+    ) -> (hyper::Response<ClientBody>, HeaderValue)
     where
         B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<axum::BoxError>,
@@ -456,16 +461,15 @@ impl Front {
         let method = parts.method.clone();
         // The peer goes along as an argument: in the request's extensions it would cost
         // a map allocation per request.
-        let mut res =
+        let res =
             stack::serve(&self.state, &route, parts, body, Some(peer), fresh_id, fields).await;
-        res.headers_mut().insert(forward::REQUEST_ID, id);
         self.state.metrics().request(
             &route.label,
             &method,
             res.status().as_u16(),
             started.elapsed(),
         );
-        res
+        (res, id)
     }
 
     /// The route of a request the fast path serves: a path only the route table

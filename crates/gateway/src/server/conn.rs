@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::Front;
-use crate::forward::{ClientBody, Fields, RawFields};
+use crate::forward::{ClientBody, Fields, REQUEST_ID, RawFields};
 use crate::forward::h1::{self, LAST_CHUNK, MAX_HEAD, MAX_HEADERS};
 
 /// The answer to a head larger than [`MAX_HEAD`] (the connection then closes).
@@ -107,10 +107,10 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
                 .await;
             return;
         };
-        let res = front
+        let (res, id) = front
             .serve_route(route, parts, Empty::<Bytes>::new(), peer, Fields::Raw)
             .await;
-        if write_response(&mut stream, &mut out, res, close)
+        if write_response(&mut stream, &mut out, res, &id, close)
             .await
             .is_err()
             || close
@@ -251,13 +251,14 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `res` (head, then body as it comes) to the client. `Err`: the connection
-/// cannot carry another response (the client went away, or the body failed or did
-/// not match its length).
+/// Writes `res` with request id `id` (head, then body as it comes) to the client.
+/// `Err`: the connection cannot carry another response (the client went away, or the
+/// body failed or did not match its length).
 async fn write_response(
     stream: &mut TcpStream,
     out: &mut BytesMut,
     res: hyper::Response<ClientBody>,
+    id: &HeaderValue,
     close: bool,
 ) -> Result<(), ()> {
     let (parts, mut body) = res.into_parts();
@@ -273,7 +274,7 @@ async fn write_response(
         ClientBody::Upstream(upstream) => upstream.raw_fields(),
         ClientBody::Other(_) => None,
     };
-    encode_head(out, parts.status, &parts.headers, raw, framing, close);
+    encode_head(out, parts.status, &parts.headers, raw, id, framing, close);
     if framing == Framing::None {
         return stream.write_all(out).await.map_err(drop);
     }
@@ -332,15 +333,16 @@ async fn write_response(
     Ok(())
 }
 
-/// The response head: status line, the response's fields (its own framing and
-/// connection fields left out: the loop writes those), then an upstream's `raw` lines
-/// as it sent them (less any field `headers` sets: the gateway's value replaces the
-/// upstream's), a `Date` if it has none.
+/// The response head: status line, the request id, the response's fields (its own
+/// framing and connection fields left out: the loop writes those), then an upstream's
+/// `raw` lines as it sent them (less any field `headers` sets: the gateway's value
+/// replaces the upstream's), a `Date` if it has none.
 fn encode_head(
     out: &mut BytesMut,
     status: StatusCode,
     headers: &HeaderMap,
     raw: Option<&RawFields>,
+    id: &HeaderValue,
     framing: Framing,
     close: bool,
 ) {
@@ -348,10 +350,12 @@ fn encode_head(
     out.extend_from_slice(status.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\nx-request-id: ");
+    out.extend_from_slice(id.as_bytes());
     out.extend_from_slice(b"\r\n");
     let mut dated = false;
     for (name, value) in headers {
-        if skipped(name) {
+        if skipped(name) || name == REQUEST_ID {
             continue;
         }
         dated |= name == header::DATE;
@@ -361,9 +365,10 @@ fn encode_head(
         out.extend_from_slice(b"\r\n");
     }
     for (name, line) in raw.into_iter().flat_map(RawFields::lines) {
-        let set = headers
-            .keys()
-            .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()));
+        let set = name.eq_ignore_ascii_case(REQUEST_ID.as_str().as_bytes())
+            || headers
+                .keys()
+                .any(|n| name.eq_ignore_ascii_case(n.as_str().as_bytes()));
         if set {
             continue;
         }
