@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use breakwater_runtime::clock::iso8601_now;
 use breakwater_runtime::http::{Json, Path};
-use breakwater_runtime::observe;
+use breakwater_runtime::observe::{self, TraceContext};
 use breakwater_runtime::otlp::{SpanTimer, Tracer};
 use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
@@ -282,7 +282,7 @@ async fn fetch_items(
         state,
         &upstream,
         &policy,
-        Outbound::get(path, call.request_id, call.traceparent),
+        Outbound::get(path, call.request_id, call.span),
         &mut Trace::off(),
     )
     .await?;
@@ -322,7 +322,7 @@ async fn fetch_items(
 #[derive(Clone)]
 struct Propagated {
     request_id: HeaderValue,
-    traceparent: HeaderValue,
+    span: TraceContext,
 }
 
 /// Answers a composed route inside the gateway's own span (a child of the caller's
@@ -341,7 +341,7 @@ where
             .get(REQUEST_ID)
             .cloned()
             .unwrap_or_else(forward::new_request_id),
-        traceparent: forward::traceparent_value(&span.context),
+        span: span.context,
     };
     let res = answer(call).await;
     if let (Some(tracer), Some(started)) = (

@@ -120,19 +120,21 @@ pub struct Added {
     pub forwarded_host: Option<HeaderValue>,
     /// `X-Request-Id`, when the client's headers do not carry it.
     pub request_id: Option<HeaderValue>,
-    /// `traceparent`: the gateway's span.
-    pub traceparent: Option<HeaderValue>,
+    /// `traceparent`: the gateway's span, written as text only into the request head
+    /// (never a `HeaderValue`, whose check of its 55 bytes would cost more than
+    /// writing them).
+    pub traceparent: Option<TraceContext>,
 }
 
 impl Added {
-    /// Each field that is set, as name and value.
+    /// Each field that is set, as name and value (but `traceparent`, which the head
+    /// writer spells out from [`Added::traceparent`]).
     pub fn fields(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
         [
             ("x-forwarded-for", &self.forwarded_for),
             ("x-forwarded-proto", &self.forwarded_proto),
             ("x-forwarded-host", &self.forwarded_host),
             ("x-request-id", &self.request_id),
-            ("traceparent", &self.traceparent),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.as_ref().map(|v| (name, v)))
@@ -145,7 +147,7 @@ impl Outbound {
     pub fn get(
         path_and_query: PathAndQuery,
         request_id: HeaderValue,
-        traceparent: HeaderValue,
+        traceparent: TraceContext,
     ) -> Self {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -656,9 +658,14 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
     }
 }
 
-/// The `traceparent` value naming `context`'s span as the parent, written without
-/// `fmt`: `00-<trace id>-<span id>-<flags>`.
+/// The `traceparent` value naming `context`'s span as the parent.
 pub fn traceparent_value(context: &TraceContext) -> HeaderValue {
+    carved_value(&traceparent_text(context)).unwrap_or_else(|| HeaderValue::from_static(""))
+}
+
+/// The `traceparent` text naming `context`'s span as the parent, written without
+/// `fmt`: `00-<trace id>-<span id>-<flags>`.
+pub fn traceparent_text(context: &TraceContext) -> [u8; 55] {
     let mut out = [b'-'; 55];
     let (version, rest) = out.split_at_mut(2);
     version.copy_from_slice(b"00");
@@ -671,7 +678,7 @@ pub fn traceparent_value(context: &TraceContext) -> HeaderValue {
     if let Some(flags) = rest.get_mut(51..53) {
         hex_into(flags, &[context.flags]);
     }
-    carved_value(&out).unwrap_or_else(|| HeaderValue::from_static(""))
+    out
 }
 
 /// Middleware giving every request an `x-request-id` (the client's, if usable, else a

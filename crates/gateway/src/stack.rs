@@ -213,7 +213,7 @@ where
                 Ok(outbound) => outbound,
                 Err(e) => break 'serve own(e.into_response()),
             };
-        outbound.added.traceparent = Some(forward::traceparent_value(&span.context));
+        outbound.added.traceparent = Some(span.context);
         if cache_ttl.is_none() {
             outbound.fields = fields;
         }

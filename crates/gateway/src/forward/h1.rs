@@ -488,6 +488,11 @@ pub fn encode_request_head(dst: &mut BytesMut, head: &TryHead<'_>, framing: Requ
     for (name, value) in head.added.fields() {
         field(name.as_bytes(), value);
     }
+    if let Some(context) = &head.added.traceparent {
+        dst.extend_from_slice(b"traceparent: ");
+        dst.extend_from_slice(&super::traceparent_text(context));
+        dst.extend_from_slice(b"\r\n");
+    }
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {

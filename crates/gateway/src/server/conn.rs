@@ -49,6 +49,10 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
     // Where each field of the current head sits, kept across requests so that no
     // request pays for its own.
     let mut fields = Vec::new();
+    // One wait for the server's stop for the connection's life: made per request, it
+    // would queue and unqueue a waiter on the token each time.
+    let stop = stopping.cancelled();
+    tokio::pin!(stop);
     loop {
         if stopping.is_cancelled() {
             return;
@@ -82,8 +86,9 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
             let read = if buf.is_empty() {
                 // Between requests: a stopping server closes idle connections.
                 tokio::select! {
+                    biased;
+                    () = &mut stop => return,
                     read = stream.read_buf(&mut buf) => read,
-                    () = stopping.cancelled() => return,
                 }
             } else {
                 stream.read_buf(&mut buf).await
