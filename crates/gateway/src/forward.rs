@@ -405,12 +405,10 @@ pub async fn send_once(
         fields: outbound.fields,
     };
     // `timeout_at` from the try's start, which the caller read: `timeout` would read
-    // the clock again.
-    match tokio::time::timeout_at(
-        sent + timeout,
-        pool::send(&endpoint.authority, head, payload),
-    )
-    .await
+    // the clock again. The send is pinned where it is made, so that the timeout holds
+    // a pointer to it rather than a copy.
+    let sending = std::pin::pin!(pool::send(&endpoint.authority, head, payload));
+    match tokio::time::timeout_at(sent + timeout, sending).await
     {
         Err(_elapsed) => Err(TryError::Timeout),
         Ok(result) => result,

@@ -461,8 +461,17 @@ impl Front {
         let method = parts.method.clone();
         // The peer goes along as an argument: in the request's extensions it would cost
         // a map allocation per request.
-        let res =
-            stack::serve(&self.state, &route, parts, body, Some(peer), fresh_id, fields).await;
+        // Pinned where it is made, as in `conn::serve`.
+        let serving = std::pin::pin!(stack::serve(
+            &self.state,
+            &route,
+            parts,
+            body,
+            Some(peer),
+            fresh_id,
+            fields
+        ));
+        let res = serving.await;
         self.state.metrics().request(
             &route.label,
             &method,

@@ -208,11 +208,15 @@ where
         if route.policy().cache.is_some() && cache_ttl.is_none() {
             trace.note("cache", "bypass");
         }
-        let mut outbound =
-            match Outbound::from_client(parts, body, path, peer, seen, fresh_id).await {
-                Ok(outbound) => outbound,
-                Err(e) => break 'serve own(e.into_response()),
-            };
+        // Each future below is pinned where it is made: awaited by value, it would be
+        // copied into this one's state first (several KiB per request in all).
+        let reading = std::pin::pin!(Outbound::from_client(
+            parts, body, path, peer, seen, fresh_id
+        ));
+        let mut outbound = match reading.await {
+            Ok(outbound) => outbound,
+            Err(e) => break 'serve own(e.into_response()),
+        };
         outbound.added.traceparent = Some(span.context);
         if cache_ttl.is_none() {
             outbound.fields = fields;
@@ -221,7 +225,17 @@ where
         let mut res = match cache_ttl {
             Some(ttl) => own(Box::pin(cached(state, route, outbound, ttl, &mut trace)).await),
             None => {
-                match dispatch(state, &route.upstream, route.policy(), outbound, &mut trace).await {
+                let result = {
+                    let dispatching = std::pin::pin!(dispatch(
+                        state,
+                        &route.upstream,
+                        route.policy(),
+                        outbound,
+                        &mut trace
+                    ));
+                    dispatching.await
+                };
+                match result {
                     Ok(res) => forward::proxied_response(res),
                     Err(e) => own(failure_response(route, e, &mut trace)),
                 }
@@ -352,7 +366,9 @@ pub async fn dispatch(
     let started = Instant::now();
     let deadline = Deadline::after(started, policy.timeout.total);
     let service = upstream.name();
-    let instances = resolve(state, service, started).await?;
+    // Pinned where it is made, as in `serve`.
+    let resolving = std::pin::pin!(resolve(state, service, started));
+    let instances = resolving.await?;
     let set = upstream.endpoints_for(&instances);
     let service_state = upstream.state();
     let breaker = service_state.breaker.as_deref();
@@ -419,7 +435,13 @@ pub async fn dispatch(
         let in_flight = pick.endpoint.start();
         // Only the breaker and the balancer ran since `now`: no second clock read.
         let sent = now;
-        let result = forward::send_once(&pick.endpoint, &mut outbound, sent, try_timeout).await;
+        let sending = std::pin::pin!(forward::send_once(
+            &pick.endpoint,
+            &mut outbound,
+            sent,
+            try_timeout
+        ));
+        let result = sending.await;
         drop(in_flight);
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(sent);

@@ -112,9 +112,16 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
                 .await;
             return;
         };
-        let (res, id) = front
-            .serve_route(route, parts, Empty::<Bytes>::new(), peer, Fields::Raw)
-            .await;
+        // Pinned where it is made: awaited by value, the request's future (several
+        // KiB) would be copied into this one's state first.
+        let serving = std::pin::pin!(front.serve_route(
+            route,
+            parts,
+            Empty::<Bytes>::new(),
+            peer,
+            Fields::Raw
+        ));
+        let (res, id) = serving.await;
         if write_response(&mut stream, &mut out, res, &id, close)
             .await
             .is_err()
