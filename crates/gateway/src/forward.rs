@@ -104,6 +104,8 @@ pub struct Outbound {
     /// How the response's fields are kept: [`Fields::Raw`] only for a caller that
     /// writes the response to the client itself and reads none of its fields.
     pub fields: Fields,
+    /// `headers` carries an `Idempotency-Key` (which makes a POST retryable).
+    pub keyed: bool,
 }
 
 /// Fields the gateway sets on an outbound request, sent after the client's headers.
@@ -165,6 +167,7 @@ impl Outbound {
             },
             body: OutboundBody::Kept(Bytes::new()),
             fields: Fields::Map,
+            keyed: false,
         }
     }
 
@@ -221,6 +224,9 @@ impl Outbound {
         // Even if the client named it in `Connection`, the id must reach the upstream.
         let request_id =
             fresh_id.or_else(|| request_id.filter(|_| !headers.contains_key(REQUEST_ID)));
+        // Unless `Connection` named it, and it went with the hop-by-hop fields.
+        let keyed = seen.has(Seen::IDEMPOTENCY_KEY)
+            && (!seen.has(Seen::HOP_BY_HOP) || headers.contains_key(IDEMPOTENCY_KEY));
         Ok(Self {
             method: parts.method,
             path_and_query,
@@ -234,6 +240,7 @@ impl Outbound {
             },
             body,
             fields: Fields::Map,
+            keyed,
         })
     }
 
@@ -241,7 +248,7 @@ impl Outbound {
     pub fn replay(&self) -> Replay {
         Replay::for_request(
             &self.method,
-            self.headers.contains_key(IDEMPOTENCY_KEY),
+            self.keyed,
             matches!(self.body, OutboundBody::Kept(_)),
         )
     }
@@ -538,6 +545,8 @@ impl Seen {
     pub const TRACEPARENT: u8 = 1 << 5;
     /// `x-breakwater-trace`.
     pub const TRACE: u8 = 1 << 6;
+    /// `Idempotency-Key`.
+    pub const IDEMPOTENCY_KEY: u8 = 1 << 7;
 
     /// The names `headers` carries.
     pub fn of(headers: &HeaderMap) -> Self {
@@ -557,6 +566,8 @@ impl Seen {
                 Self::TRACEPARENT
             } else if name == crate::trace::TRACE_HEADER {
                 Self::TRACE
+            } else if name == IDEMPOTENCY_KEY {
+                Self::IDEMPOTENCY_KEY
             } else if HOP_BY_HOP.contains(name) {
                 Self::HOP_BY_HOP
             } else {
@@ -893,6 +904,7 @@ mod tests {
             ("traceparent", Seen::TRACEPARENT),
             ("x-breakwater-trace", Seen::TRACE),
             ("x-request-id", Seen::REQUEST_ID),
+            ("idempotency-key", Seen::IDEMPOTENCY_KEY),
         ] {
             let mut h = h.clone();
             h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));

@@ -451,7 +451,14 @@ impl Front {
         let started = Instant::now();
         // A fresh id is not written into the client's headers (a hashed insert, often a
         // grow of the map): the outbound request carries it as an added field.
-        let (id, fresh_id) = match forward::client_request_id(&mut parts.headers) {
+        // One pass over the client's names decides which are looked up at all.
+        let seen = forward::Seen::of(&parts.headers);
+        let client_id = if seen.has(forward::Seen::REQUEST_ID) {
+            forward::client_request_id(&mut parts.headers)
+        } else {
+            None
+        };
+        let (id, fresh_id) = match client_id {
             Some(id) => (id, None),
             None => {
                 let id = forward::new_request_id();
@@ -469,6 +476,7 @@ impl Front {
             body,
             Some(peer),
             fresh_id,
+            seen,
             fields
         ));
         let res = serving.await;

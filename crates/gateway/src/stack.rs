@@ -119,7 +119,8 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let (mut head, body) = serve(&state, &route, parts, body, peer, None, Fields::Map)
+    let seen = Seen::of(&parts.headers);
+    let (mut head, body) = serve(&state, &route, parts, body, peer, None, seen, Fields::Map)
         .await
         .into_parts();
     head.extensions.insert(RouteLabel(Arc::clone(&route.label)));
@@ -128,7 +129,10 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
 
 /// Serves a request from `peer` (when known) already matched to `route` (the router's
 /// fallback, or the front's fast path, [`crate::server::Front`]). The request id is
-/// already on `parts`, or is `fresh_id`. `fields` says how an upstream response's
+/// already on `parts`, or is `fresh_id`. `seen` is [`Seen::of`] the request's headers
+/// (one pass over the client's names, so that the lookups here and in
+/// `Outbound::from_client` are made only for names it sent). `fields` says how an
+/// upstream response's
 /// fields may come back: [`Fields::Raw`] only for a caller that writes the response
 /// itself (a cached route still gets a map: the cache stores it).
 pub async fn serve<B>(
@@ -138,15 +142,13 @@ pub async fn serve<B>(
     body: B,
     peer: Option<SocketAddr>,
     fresh_id: Option<HeaderValue>,
+    seen: Seen,
     fields: Fields,
 ) -> ProxyResponse
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    // One pass over the client's names, so that the lookups below and in
-    // `Outbound::from_client` are made only for names it sent.
-    let seen = Seen::of(&parts.headers);
     let span = if seen.has(Seen::TRACEPARENT) {
         GatewaySpan::start(&parts.headers)
     } else {

@@ -85,10 +85,12 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
             buf.reserve(READ_CHUNK);
             let read = if buf.is_empty() {
                 // Between requests: a stopping server closes idle connections.
+                // The read first: the stop is looked at only while the read waits
+                // (a closed stop is seen at the top of the loop anyway).
                 tokio::select! {
                     biased;
-                    () = &mut stop => return,
                     read = stream.read_buf(&mut buf) => read,
+                    () = &mut stop => return,
                 }
             } else {
                 stream.read_buf(&mut buf).await
