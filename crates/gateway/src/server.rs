@@ -474,10 +474,12 @@ impl Front {
             &route,
             parts,
             body,
-            Some(peer),
-            fresh_id,
-            seen,
-            fields
+            stack::Arrival {
+                peer: Some(peer),
+                fresh_id,
+                seen,
+                fields,
+            }
         ));
         let res = serving.await;
         self.state.metrics().request(

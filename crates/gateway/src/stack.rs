@@ -119,36 +119,55 @@ pub async fn proxy(State(state): State<GatewayState>, req: Request) -> Response 
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let seen = Seen::of(&parts.headers);
-    let (mut head, body) = serve(&state, &route, parts, body, peer, None, seen, Fields::Map)
+    let arrival = Arrival {
+        peer,
+        fresh_id: None,
+        seen: Seen::of(&parts.headers),
+        fields: Fields::Map,
+    };
+    let (mut head, body) = serve(&state, &route, parts, body, arrival)
         .await
         .into_parts();
     head.extensions.insert(RouteLabel(Arc::clone(&route.label)));
     Response::from_parts(head, body.into_axum())
 }
 
-/// Serves a request from `peer` (when known) already matched to `route` (the router's
-/// fallback, or the front's fast path, [`crate::server::Front`]). The request id is
-/// already on `parts`, or is `fresh_id`. `seen` is [`Seen::of`] the request's headers
-/// (one pass over the client's names, so that the lookups here and in
-/// `Outbound::from_client` are made only for names it sent). `fields` says how an
-/// upstream response's
-/// fields may come back: [`Fields::Raw`] only for a caller that writes the response
-/// itself (a cached route still gets a map: the cache stores it).
+/// What the caller of [`serve`] knows about a request besides its parts and body.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// The client's address, when known.
+    pub peer: Option<SocketAddr>,
+    /// The request id the front made for it, when the client sent none (the client's
+    /// is on its parts).
+    pub fresh_id: Option<HeaderValue>,
+    /// [`Seen::of`] its headers: one pass over the client's names, so that the lookups
+    /// in [`serve`] and `Outbound::from_client` are made only for names it sent.
+    pub seen: Seen,
+    /// How an upstream response's fields may come back: [`Fields::Raw`] only for a
+    /// caller that writes the response itself (a cached route still gets a map: the
+    /// cache stores it).
+    pub fields: Fields,
+}
+
+/// Serves a request already matched to `route` (the router's fallback, or the front's
+/// fast path, [`crate::server::Front`]).
 pub async fn serve<B>(
     state: &GatewayState,
     route: &Route,
     parts: axum::http::request::Parts,
     body: B,
-    peer: Option<SocketAddr>,
-    fresh_id: Option<HeaderValue>,
-    seen: Seen,
-    fields: Fields,
+    arrival: Arrival,
 ) -> ProxyResponse
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    let Arrival {
+        peer,
+        fresh_id,
+        seen,
+        fields,
+    } = arrival;
     let span = if seen.has(Seen::TRACEPARENT) {
         GatewaySpan::start(&parts.headers)
     } else {
