@@ -449,8 +449,6 @@ impl Front {
         B::Error: Into<axum::BoxError>,
     {
         let started = Instant::now();
-        // A fresh id is not written into the client's headers (a hashed insert, often a
-        // grow of the map): the outbound request carries it as an added field.
         // One pass over the client's names decides which are looked up at all.
         let seen = forward::Seen::of(&parts.headers);
         let client_id = if seen.has(forward::Seen::REQUEST_ID) {
@@ -458,6 +456,8 @@ impl Front {
         } else {
             None
         };
+        // A fresh id is not written into the client's headers (a hashed insert, often a
+        // grow of the map): the outbound request carries it as an added field.
         let (id, fresh_id) = match client_id {
             Some(id) => (id, None),
             None => {
@@ -466,9 +466,8 @@ impl Front {
             }
         };
         let method = parts.method.clone();
-        // The peer goes along as an argument: in the request's extensions it would cost
-        // a map allocation per request.
-        // Pinned where it is made, as in `conn::serve`.
+        // The peer goes along in the arrival: in the request's extensions it would cost
+        // a map allocation per request. Pinned where it is made, as in `conn::serve`.
         let serving = std::pin::pin!(stack::serve(
             &self.state,
             &route,
