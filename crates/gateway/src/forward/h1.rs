@@ -85,6 +85,16 @@ pub struct RawFields {
 }
 
 impl RawFields {
+    /// Adds a field's line: where it starts, its name's length, where its value ends
+    /// (offsets in a head of at most [`MAX_HEAD`] bytes, which fit in `u32`). The
+    /// caller made room: at most [`RAW_FIELDS`] fields come.
+    fn push(&mut self, start: usize, name_len: usize, end: usize) {
+        if let Some(line) = self.lines.get_mut(self.count) {
+            *line = (start as u32, name_len as u32, end as u32);
+            self.count += 1;
+        }
+    }
+
     /// Each field as (name, whole line without its CRLF), in the order sent.
     pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.lines
@@ -198,6 +208,13 @@ pub fn parse_response_with(
             ) else {
                 return Err("invalid header field in response".to_owned());
             };
+            // Only names of these lengths can be hop-by-hop or `Content-Length`; kept
+            // as lines, the others need no look at all.
+            let framing_or_hop = matches!(name.len(), 2 | 7 | 10 | 14 | 16..=19);
+            if !framing_or_hop && let Some(raw) = &mut raw {
+                raw.push(name_at, name_len, value_at + value_len);
+                continue;
+            }
             // Lower-cased once (every name the gateway looks for is short), then
             // compared exactly.
             let mut folded = [0_u8; 24];
@@ -219,11 +236,7 @@ pub fn parse_response_with(
                 }
             }
             if let Some(raw) = &mut raw {
-                // Offsets in a head of at most `MAX_HEAD` bytes fit in `u32`.
-                if let Some(line) = raw.lines.get_mut(raw.count) {
-                    *line = (name_at as u32, name_len as u32, (value_at + value_len) as u32);
-                    raw.count += 1;
-                }
+                raw.push(name_at, name_len, value_at + value_len);
                 continue;
             }
             let name = known_name(lower)

@@ -181,6 +181,8 @@ pub struct Discovery {
 
 /// What the cache can answer without waiting for the registry.
 enum Cached {
+    /// A watch keeps the entry current (so one runs already).
+    Watched(Arc<[Instance]>),
     Serve(Arc<[Instance]>),
     ServeAndRefresh(Arc<[Instance]>),
     Fetch,
@@ -235,11 +237,14 @@ impl Discovery {
         name: &str,
         now: Instant,
     ) -> Result<Arc<[Instance]>, DiscoveryError> {
-        if self.shared.watch {
+        let cached = self.lookup(name, now);
+        // An entry a watch keeps current has its watch: no look at the watched set
+        // (a second lock) on every request.
+        if self.shared.watch && !matches!(cached, Cached::Watched(_)) {
             self.ensure_watch(name);
         }
-        match self.lookup(name, now) {
-            Cached::Serve(instances) => non_empty(name, instances),
+        match cached {
+            Cached::Watched(instances) | Cached::Serve(instances) => non_empty(name, instances),
             Cached::ServeAndRefresh(instances) => {
                 self.spawn_refresh(name);
                 non_empty(name, instances)
@@ -278,8 +283,11 @@ impl Discovery {
         let Some(entry) = cache.get_mut(name) else {
             return Cached::Fetch;
         };
+        if entry.watched {
+            return Cached::Watched(Arc::clone(&entry.instances));
+        }
         let age = now.saturating_duration_since(entry.fetched_at);
-        if entry.watched || age <= policy.fresh_for {
+        if age <= policy.fresh_for {
             Cached::Serve(Arc::clone(&entry.instances))
         } else if age <= policy.fresh_for + policy.stale_for {
             if entry.refreshing {
@@ -451,6 +459,7 @@ mod tests {
 
     fn kind(c: &Cached) -> &'static str {
         match c {
+            Cached::Watched(_) => "watched",
             Cached::Serve(_) => "serve",
             Cached::ServeAndRefresh(_) => "refresh",
             Cached::Fetch => "fetch",
@@ -483,6 +492,13 @@ mod tests {
             kind(&d.lookup("svc", t0 + Duration::from_secs(32) + ns)),
             "fetch"
         );
+
+        // A watched entry is current at any age, until its watch fails.
+        d.shared.store_watched("svc", vec![instance(1)], t0);
+        let late = t0 + Duration::from_secs(3600);
+        assert_eq!(kind(&d.lookup("svc", late)), "watched");
+        d.shared.watch_failed("svc");
+        assert_eq!(kind(&d.lookup("svc", late)), "fetch");
     }
 
     #[test]
