@@ -13,7 +13,9 @@
 #
 # Usage: bench/gateway-instructions.sh BINARY... (release builds with debug line
 # tables, as the workspace's release profile makes them). CG_KEEP=PREFIX keeps each
-# binary's callgrind output as PREFIX.<binary name>.
+# binary's callgrind output as PREFIX.<binary name>. The word `nginx` in place of a
+# binary counts nginx as a reverse proxy the same way (one worker process, no master,
+# keepalive upstream to the same backend): the reference count to compare with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
@@ -26,21 +28,50 @@ start_backends "$B1"
 
 printf '%-40s %12s %14s %8s\n' binary requests instr/request memcpy
 for BIN in "$@"; do
-  pick RG; pick GW
-  RUST_LOG=warn "$BIN" registry --port "$RG" --bind 127.0.0.1 >/dev/null 2>&1 &
-  RP=$!; PIDS+=("$RP")
-  wait_http "http://127.0.0.1:$RG/health"
-  register_backends "$RG" "$B1"
-  RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
-    "$BIN" gateway --port "$GW" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
-    --config bench/gateway.toml >/dev/null 2>"$WORK/valgrind.log" &
-  GP=$!; PIDS+=("$GP")
-  # A gateway under callgrind takes a while to start.
-  wait_http "http://127.0.0.1:$GW/bench/users/1" 600
-  wrk -t1 -c"${CONNS:-8}" -d10s "http://127.0.0.1:$GW/bench/users/1" > "$WORK/wrk.out"
-  kill -INT "$GP"; wait "$GP" || true
-  [ -n "${CG_KEEP:-}" ] && cp "$WORK/cg.out" "$CG_KEEP.$(basename "$BIN")"
-  kill "$RP"; wait "$RP" 2>/dev/null || true
+  if [ "$BIN" = nginx ]; then
+    pick PX
+    cat > "$WORK/cg-proxy.conf" <<NGX
+worker_processes 1;
+daemon off;
+master_process off;
+pid $WORK/cg-proxy.pid;
+error_log $WORK/cg-proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backends { server 127.0.0.1:$B1; keepalive 128; }
+  server {
+    listen 127.0.0.1:$PX;
+    location / { proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGX
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
+      "$NGINX" -c "$WORK/cg-proxy.conf" -e "$WORK/cg-proxy-error.log" 2>"$WORK/valgrind.log" &
+    GP=$!; PIDS+=("$GP")
+    wait_http "http://127.0.0.1:$PX/bench/users/1" 600
+    wrk -t1 -c"${CONNS:-8}" -d10s "http://127.0.0.1:$PX/bench/users/1" > "$WORK/wrk.out"
+    # nginx without a master finishes its requests and exits on SIGQUIT.
+    kill -QUIT "$GP"; wait "$GP" || true
+    [ -n "${CG_KEEP:-}" ] && cp "$WORK/cg.out" "$CG_KEEP.nginx"
+  else
+    pick RG; pick GW
+    RUST_LOG=warn "$BIN" registry --port "$RG" --bind 127.0.0.1 >/dev/null 2>&1 &
+    RP=$!; PIDS+=("$RP")
+    wait_http "http://127.0.0.1:$RG/health"
+    register_backends "$RG" "$B1"
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
+      "$BIN" gateway --port "$GW" --bind 127.0.0.1 --registry "http://127.0.0.1:$RG" \
+      --config bench/gateway.toml >/dev/null 2>"$WORK/valgrind.log" &
+    GP=$!; PIDS+=("$GP")
+    # A gateway under callgrind takes a while to start.
+    wait_http "http://127.0.0.1:$GW/bench/users/1" 600
+    wrk -t1 -c"${CONNS:-8}" -d10s "http://127.0.0.1:$GW/bench/users/1" > "$WORK/wrk.out"
+    kill -INT "$GP"; wait "$GP" || true
+    [ -n "${CG_KEEP:-}" ] && cp "$WORK/cg.out" "$CG_KEEP.$(basename "$BIN")"
+    kill "$RP"; wait "$RP" 2>/dev/null || true
+  fi
   n=$(awk '/requests in/{print $1}' "$WORK/wrk.out")
   total=$(callgrind_annotate "$WORK/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
   copy=$(callgrind_annotate "$WORK/cg.out" 2>/dev/null | awk '/__memcpy|__memmove/{gsub(",","",$1); s+=$1} END{print s+0}')
