@@ -81,7 +81,9 @@ pub struct TryHead<'a> {
     pub fields: h1::Fields,
 }
 
-/// One upstream connection and what was read from it but not yet used.
+/// One upstream connection and what was read from it but not yet used. Boxed wherever
+/// it goes (the pool, a request, the response body): it moves with every response,
+/// and its box, made once per connection, is cheaper to move than its fields.
 #[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
@@ -261,7 +263,7 @@ async fn read_head_from<R: tokio::io::AsyncRead + Unpin>(
 }
 
 struct Pooled {
-    conn: Conn,
+    conn: Box<Conn>,
     /// When it last went idle.
     idle_since: Instant,
 }
@@ -279,7 +281,7 @@ struct ThreadPool {
 impl ThreadPool {
     /// An idle connection to `address`; unusable or stale ones met on the way are
     /// dropped.
-    fn checkout(&mut self, address: &Authority, now: Instant) -> Option<Conn> {
+    fn checkout(&mut self, address: &Authority, now: Instant) -> Option<Box<Conn>> {
         let list = self.by_address.get_mut(address.as_str())?;
         // Newest first: the most recently used connection is the likeliest to be warm.
         while let Some(entry) = list.pop() {
@@ -294,7 +296,7 @@ impl ThreadPool {
 
     /// Keeps `conn` for later requests to its address (unless the list is full).
     /// Whether a reaper must be started for this thread.
-    fn put(&mut self, conn: Conn, now: Instant) -> bool {
+    fn put(&mut self, conn: Box<Conn>, now: Instant) -> bool {
         let list = match self.by_address.get_mut(conn.address.as_str()) {
             Some(list) => list,
             None => self
@@ -336,7 +338,7 @@ fn with_pool<R>(f: impl FnOnce(&mut ThreadPool) -> R) -> Option<R> {
 }
 
 /// Puts a connection whose last response ended cleanly back into this thread's pool.
-fn release(conn: Conn) {
+fn release(conn: Box<Conn>) {
     if let Some(true) = with_pool(|pool| pool.put(conn, Instant::now())) {
         spawn_reaper();
     }
@@ -388,7 +390,7 @@ pub async fn send(
     }
 }
 
-async fn connect(address: &Authority) -> Result<Conn, TryError> {
+async fn connect(address: &Authority) -> Result<Box<Conn>, TryError> {
     // An IPv6 literal comes bracketed in an authority, and must not be for a lookup.
     let host = address.host();
     let host = host
@@ -408,13 +410,13 @@ async fn connect(address: &Authority) -> Result<Conn, TryError> {
     // Requests and answers are small writes; Nagle would hold each for an ACK.
     io.set_nodelay(true)
         .map_err(|e| TryError::Connect(format!("connecting to {address}: {e}")))?;
-    Ok(Conn {
+    Ok(Box::new(Conn {
         io,
         address: address.clone(),
         buf: BytesMut::with_capacity(READ_CHUNK),
         out: BytesMut::with_capacity(1024),
         spans: Vec::with_capacity(16),
-    })
+    }))
 }
 
 /// Closes this thread's idle connections every [`REAP_EVERY`] while it has any; a new
@@ -449,7 +451,7 @@ enum BodyState {
 /// earlier, the connection closes.
 #[derive(Debug)]
 pub struct UpstreamIncoming {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     state: BodyState,
     keep_alive: bool,
     raw: Option<Box<h1::RawFields>>,
@@ -457,7 +459,7 @@ pub struct UpstreamIncoming {
 
 impl UpstreamIncoming {
     fn new(
-        conn: Conn,
+        conn: Box<Conn>,
         framing: Framing,
         keep_alive: bool,
         raw: Option<Box<h1::RawFields>>,
