@@ -343,7 +343,7 @@ fn async_stream(
 }
 
 #[tokio::test]
-async fn stopping_closes_idle_connections_and_finishes_the_one_in_flight() {
+async fn stopping_closes_waiting_connections_and_finishes_the_one_in_flight() {
     let router = Router::new().fallback(|| async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         "slow answer"
@@ -356,6 +356,13 @@ async fn stopping_closes_idle_connections_and_finishes_the_one_in_flight() {
         .unwrap();
     assert_eq!(read_response(&mut idle, &mut pending).await.status, 200);
 
+    // Half a head: closed at the stop too, not held until the drain's deadline.
+    let mut partial = TcpStream::connect(gateway.addr).await.unwrap();
+    partial
+        .write_all(b"GET /users/3 HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .unwrap();
+
     let mut busy = TcpStream::connect(gateway.addr).await.unwrap();
     busy.write_all(b"GET /users/2 HTTP/1.1\r\nHost: gw\r\n\r\n")
         .await
@@ -365,6 +372,7 @@ async fn stopping_closes_idle_connections_and_finishes_the_one_in_flight() {
     let stopping = tokio::spawn(gateway.stop());
 
     assert!(closed(&mut idle).await, "the idle connection stayed open");
+    assert!(closed(&mut partial).await, "the half-read connection stayed open");
     let res = read_response(&mut busy, &mut Vec::new()).await;
     assert_eq!(res.status, 200);
     assert_eq!(res.body, b"slow answer");

@@ -83,17 +83,14 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
                 }
             }
             buf.reserve(READ_CHUNK);
-            let read = if buf.is_empty() {
-                // Between requests: a stopping server closes idle connections.
-                // The read first: the stop is looked at only while the read waits
-                // (a closed stop is seen at the top of the loop anyway).
-                tokio::select! {
-                    biased;
-                    read = stream.read_buf(&mut buf) => read,
-                    () = &mut stop => return,
-                }
-            } else {
-                stream.read_buf(&mut buf).await
+            // A stopping server closes connections waiting for a request, idle or
+            // half-way through a head (a request in flight is finished first). The
+            // read first: the stop is looked at only while the read waits (a stop
+            // that came is seen at the top of the loop anyway).
+            let read = tokio::select! {
+                biased;
+                read = stream.read_buf(&mut buf) => read,
+                () = &mut stop => return,
             };
             match read {
                 Ok(0) | Err(_) => return,
