@@ -415,8 +415,7 @@ pub async fn send_once(
     // the clock again. The send is pinned where it is made, so that the timeout holds
     // a pointer to it rather than a copy.
     let sending = std::pin::pin!(pool::send(&endpoint.authority, head, payload));
-    match tokio::time::timeout_at(sent + timeout, sending).await
-    {
+    match tokio::time::timeout_at(sent + timeout, sending).await {
         Err(_elapsed) => Err(TryError::Timeout),
         Ok(result) => result,
     }

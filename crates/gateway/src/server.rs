@@ -628,8 +628,7 @@ pub async fn run(
 
     let workers = std::thread::available_parallelism().unwrap_or(std::num::NonZeroUsize::MIN);
     let front = PerThread(Arc::new(Front::new(state.clone())));
-    let per_connection =
-        move |accepted: Accepted| conn::serve(Arc::clone(&front.0), accepted);
+    let per_connection = move |accepted: Accepted| conn::serve(Arc::clone(&front.0), accepted);
     let server = tokio::spawn(serve_per_core_conns(
         listener,
         per_connection,

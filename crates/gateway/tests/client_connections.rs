@@ -222,8 +222,16 @@ async fn pipelined_gets_are_answered_in_order_on_one_connection() {
         assert_eq!(res.field("x-request-id"), Some(format!("req-{i}").as_str()));
         assert_eq!(res.field("x-end-to-end"), Some("kept"));
         assert!(res.field("date").is_some(), "{res:?}");
-        for gone in ["x-hop-response", "keep-alive", "proxy-authenticate", "connection"] {
-            assert!(res.field(gone).is_none(), "{gone} reached the client: {res:?}");
+        for gone in [
+            "x-hop-response",
+            "keep-alive",
+            "proxy-authenticate",
+            "connection",
+        ] {
+            assert!(
+                res.field(gone).is_none(),
+                "{gone} reached the client: {res:?}"
+            );
         }
     }
     assert!(pending.is_empty());
@@ -372,11 +380,17 @@ async fn stopping_closes_waiting_connections_and_finishes_the_one_in_flight() {
     let stopping = tokio::spawn(gateway.stop());
 
     assert!(closed(&mut idle).await, "the idle connection stayed open");
-    assert!(closed(&mut partial).await, "the half-read connection stayed open");
+    assert!(
+        closed(&mut partial).await,
+        "the half-read connection stayed open"
+    );
     let res = read_response(&mut busy, &mut Vec::new()).await;
     assert_eq!(res.status, 200);
     assert_eq!(res.body, b"slow answer");
-    assert!(closed(&mut busy).await, "the drained connection stayed open");
+    assert!(
+        closed(&mut busy).await,
+        "the drained connection stayed open"
+    );
     stopping.await.unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
 }

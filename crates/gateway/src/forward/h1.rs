@@ -412,7 +412,12 @@ fn known_name(name: &[u8]) -> Option<HeaderName> {
     let is = |n: &HeaderName| name == n.as_str().as_bytes();
     let candidates: &[HeaderName] = match name.len() {
         4 => &[header::HOST, header::DATE, header::ETAG, header::VARY],
-        6 => &[header::ACCEPT, header::SERVER, header::COOKIE, header::ORIGIN],
+        6 => &[
+            header::ACCEPT,
+            header::SERVER,
+            header::COOKIE,
+            header::ORIGIN,
+        ],
         7 => &[header::EXPIRES, header::REFERER],
         8 => &[header::LOCATION],
         10 => &[header::USER_AGENT, header::SET_COOKIE],

@@ -380,12 +380,7 @@ pub async fn send(
             }
             conn.read_head(&head).await?
         };
-        let body = UpstreamIncoming::new(
-            conn,
-            response.framing,
-            response.keep_alive,
-            response.raw,
-        );
+        let body = UpstreamIncoming::new(conn, response.framing, response.keep_alive, response.raw);
         return Ok(hyper::Response::from_parts(response.parts, body));
     }
 }

@@ -25,8 +25,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::Front;
-use crate::forward::{ClientBody, Fields, REQUEST_ID, RawFields};
 use crate::forward::h1::{self, LAST_CHUNK, MAX_HEAD, MAX_HEADERS};
+use crate::forward::{ClientBody, Fields, REQUEST_ID, RawFields};
 
 /// The answer to a head larger than [`MAX_HEAD`] (the connection then closes).
 const TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -107,7 +107,9 @@ pub(crate) async fn serve(front: Arc<Front>, accepted: Accepted) {
         let Some(parts) = build(&head, target, &fields) else {
             // A field `http` refuses (httparse let it through): the answer hyper gives.
             let _ = stream
-                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
                 .await;
             return;
         };
@@ -188,11 +190,9 @@ fn parse(buf: &[u8], front: &Front, fields: &mut Vec<FieldSpan>) -> Parsed {
     // Left uninitialised for the parser to fill, as for upstream responses.
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
-        &mut req,
-        buf,
-        &mut slots,
-    ) {
+    let len = match httparse::ParserConfig::default()
+        .parse_request_with_uninit_headers(&mut req, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
         Ok(httparse::Status::Complete(_)) => return Parsed::TooLarge,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
