@@ -115,16 +115,8 @@ pub async fn serve_per_core_with<M, S, B>(
 ) -> std::io::Result<()>
 where
     M: Fn(std::net::SocketAddr) -> S + Clone + Send + 'static,
-    S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
-            Response = hyper::Response<B>,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ConnectionService<B>,
+    B: ResponseBody,
 {
     let per_connection = move |accepted: Accepted| {
         let service = per_connection(accepted.peer);
@@ -132,6 +124,45 @@ where
         accepted.handoff.serve(io, service)
     };
     serve_per_core_conns(listener, per_connection, shutdown, drain, workers).await
+}
+
+/// A response body hyper can write on a worker thread.
+pub trait ResponseBody:
+    hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Send
+    + 'static
+{
+}
+
+impl<T> ResponseBody for T where
+    T: hyper::body::Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + 'static
+{
+}
+
+/// A hyper service that can serve a connection on a worker thread, answering with
+/// bodies `B`.
+pub trait ConnectionService<B: ResponseBody>:
+    hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<B>,
+        Future: Send + 'static,
+        Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    > + Send
+    + 'static
+{
+}
+
+impl<S, B: ResponseBody> ConnectionService<B> for S where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+            Future: Send + 'static,
+            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        > + Send
+        + 'static
+{
 }
 
 /// One accepted connection of [`serve_per_core_conns`], on the worker thread that
@@ -165,16 +196,8 @@ impl Handoff {
     pub async fn serve<I, S, B>(self, io: I, service: S)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-        S: hyper::service::Service<
-                hyper::Request<hyper::body::Incoming>,
-                Response = hyper::Response<B>,
-            > + Send
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: ConnectionService<B>,
+        B: ResponseBody,
     {
         let builder =
             hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -272,11 +295,12 @@ where
     M: Fn(Accepted) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
-    type Handoff = (std::net::TcpStream, std::net::SocketAddr);
+    // A connection on its way from the acceptor to a worker.
+    type Passed = (std::net::TcpStream, std::net::SocketAddr);
     let mut senders = Vec::with_capacity(workers.get());
     let mut threads = Vec::with_capacity(workers.get());
     for i in 0..workers.get() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Passed>();
         let per_connection = per_connection.clone();
         let shutdown = shutdown.clone();
         let thread = std::thread::Builder::new()
