@@ -30,23 +30,7 @@ printf '%-40s %12s %14s %8s\n' binary requests instr/request memcpy
 for BIN in "$@"; do
   if [ "$BIN" = nginx ]; then
     pick PX
-    cat > "$WORK/cg-proxy.conf" <<NGX
-worker_processes 1;
-daemon off;
-master_process off;
-pid $WORK/cg-proxy.pid;
-error_log $WORK/cg-proxy-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream backends { server 127.0.0.1:$B1; keepalive 128; }
-  server {
-    listen 127.0.0.1:$PX;
-    location / { proxy_pass http://backends; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-NGX
+    proxy_conf cg-proxy 1 "daemon off; master_process off;" "$PX" "$B1"
     valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.out" \
       "$NGINX" -c "$WORK/cg-proxy.conf" -e "$WORK/cg-proxy-error.log" 2>"$WORK/valgrind.log" &
     GP=$!; PIDS+=("$GP")

@@ -69,15 +69,17 @@ NGX
   "$NGINX" -c "$WORK/backend.conf" -e "$WORK/backend-error.log"
 }
 
-# start_proxy PORT BACKEND_PORT...: nginx as a reverse proxy on PORT to the backends
-# (2 workers, keepalive upstream); its pid file is $WORK/proxy.pid.
-start_proxy() {
-  local port=$1 servers="" p; shift
+# proxy_conf NAME WORKERS EXTRA PORT BACKEND_PORT...: writes $WORK/NAME.conf, nginx as
+# a reverse proxy on PORT to the backends (WORKERS workers, keepalive upstream; EXTRA:
+# more main-context directives), its pid file $WORK/NAME.pid.
+proxy_conf() {
+  local name=$1 workers=$2 extra=$3 port=$4 servers="" p; shift 4
   for p in "$@"; do servers="$servers server 127.0.0.1:$p;"; done
-  cat > "$WORK/proxy.conf" <<NGX
-worker_processes 2;
-pid $WORK/proxy.pid;
-error_log $WORK/proxy-error.log warn;
+  cat > "$WORK/$name.conf" <<NGX
+worker_processes $workers;
+$extra
+pid $WORK/$name.pid;
+error_log $WORK/$name-error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
@@ -96,6 +98,12 @@ http {
   }
 }
 NGX
+}
+
+# start_proxy PORT BACKEND_PORT...: nginx as a reverse proxy on PORT to the backends
+# (2 workers, keepalive upstream); its pid file is $WORK/proxy.pid.
+start_proxy() {
+  proxy_conf proxy 2 "" "$@"
   "$NGINX" -c "$WORK/proxy.conf" -e "$WORK/proxy-error.log"
 }
 
